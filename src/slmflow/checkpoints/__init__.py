@@ -1,0 +1,102 @@
+"""Resolve what the user names as a model source: a local folder or a Hugging Face hub id.
+
+Offline-first: a hub id is looked up in the local Hugging Face cache before the hub is asked, and
+the hub is never asked when `HF_HUB_OFFLINE` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from slmflow.errors import SlmflowError
+
+SourceKind = Literal["hf", "onnx"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./-]+)?$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A model folder on disk and what it holds."""
+
+    path: Path
+    kind: SourceKind  # "hf": a Hugging Face checkpoint; "onnx": an ONNX Runtime GenAI folder
+    source: str  # what the user named, for run params
+
+    @property
+    def architecture(self) -> str | None:
+        if self.kind == "hf":
+            archs = _read_json(self.path / "config.json").get("architectures") or [None]
+            return archs[0]
+        return _read_json(self.path / "genai_config.json").get("model", {}).get("type")
+
+
+def resolve(source: str) -> Checkpoint:
+    """Find `source` (a folder, or a hub id optionally followed by a subfolder) on disk."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return _inspect_folder(path, source)
+    if _HUB_ID.match(source) and not source.startswith((".", "/")):
+        return _inspect_folder(_from_hub(source), source)
+    raise SlmflowError(f"model source not found: {source!r} is neither a folder nor a Hugging Face hub id")
+
+
+def _inspect_folder(path: Path, source: str) -> Checkpoint:
+    if not path.is_dir():
+        raise SlmflowError(f"model source {source!r} is a file, not a model folder")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise SlmflowError(f"model source {source!r} is not readable")
+    if (path / "genai_config.json").is_file():
+        kind: SourceKind = "onnx"
+    elif (path / "config.json").is_file():
+        kind = "hf"
+    else:
+        raise SlmflowError(
+            f"{source!r} is neither a Hugging Face checkpoint (no config.json) "
+            "nor an ONNX Runtime GenAI model (no genai_config.json)"
+        )
+    checkpoint = Checkpoint(path=path.resolve(), kind=kind, source=source)
+    checkpoint.architecture  # noqa: B018 - fails early on an unreadable config
+    return checkpoint
+
+
+def _from_hub(hub_id: str) -> Path:
+    """Download (or find in the cache) `owner/name[/subfolder]` and return the folder."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    owner, name, *sub = hub_id.split("/")
+    repo_id, subfolder = f"{owner}/{name}", "/".join(sub)
+    patterns = [f"{subfolder}/*"] if subfolder else None
+    try:
+        folder = snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True)
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        if _offline():
+            raise SlmflowError(
+                f"{hub_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set; "
+                "pass a local folder or download it first"
+            ) from None
+        try:
+            folder = snapshot_download(repo_id, allow_patterns=patterns)
+        except (HfHubHTTPError, OSError, ValueError) as e:
+            raise SlmflowError(f"cannot fetch {hub_id!r} from the Hugging Face hub: {_first_line(e)}") from e
+    return Path(folder) / subfolder if subfolder else Path(folder)
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes", "on"}
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SlmflowError(f"cannot read {path}: {_first_line(e)}") from e

@@ -1,0 +1,155 @@
+"""The `slmflow` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from slmflow import __version__
+from slmflow.errors import SlmflowError
+
+Progress = Callable[[str, int, int], None]
+
+
+class _Group(click.Group):
+    """Turns user errors into one line on stderr and exit code 1, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SlmflowError as e:
+            _fail(str(e))
+        except Exception as e:
+            from mlflow.exceptions import MlflowException
+
+            if isinstance(e, MlflowException):
+                _fail(e.message)
+            raise
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message.strip().splitlines()[0] if message.strip() else 'failed'}", err=True)
+    sys.exit(1)
+
+
+@contextmanager
+def progress_bar(enabled: bool = True) -> Iterator[Progress]:
+    """A rich progress bar on stderr fed by (message, done, total) callbacks; silent when disabled."""
+    if not enabled:
+        yield lambda message, done, total: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("starting", total=None)
+
+        def update(message: str, done: int, total: int) -> None:
+            bar.update(task, description=message, completed=done, total=total or None)
+
+        yield update
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="slmflow")
+def main() -> None:
+    """Small language models as first-class MLflow models."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@main.command()
+@click.option("--size", default="tiny", show_default=True, help="tiny (trained, checkable answers) or bench (random, realistic shapes).")
+@click.option("--force", is_flag=True, help="Rebuild even if a cached build matches the recipe.")
+@click.option("--json", "as_json", is_flag=True, help="Print {\"path\": ...}.")
+def fixture(size: str, force: bool, as_json: bool) -> None:
+    """Build (or reuse) a local Phi-3-architecture fixture checkpoint and print its folder."""
+    from slmflow.checkpoints.fixture import SIZES, build_fixture
+
+    if size not in SIZES:
+        raise SlmflowError(f"unknown fixture size {size!r}; choose one of {', '.join(SIZES)}")
+    with progress_bar(not as_json) as progress:
+        path = build_fixture(size, force=force, progress=progress)
+    click.echo(json.dumps({"path": str(path)}) if as_json else str(path))
+
+
+@main.command()
+@click.argument("source")
+@click.option("--route", default="onnx", show_default=True, help="onnx (ONNX Runtime GenAI flavor) or transformers.")
+@click.option("--precision", default="int4", show_default=True, help="ONNX route: int4, fp16 (cuda) or fp32.")
+@click.option("--task", default="chat", show_default=True, help="ONNX route: chat (OpenAI schema) or prompt ({prompt} -> str).")
+@click.option("--execution-provider", "provider", default="cpu", show_default=True, help="ONNX route: cpu or cuda.")
+@click.option("--name", help="Register the model under this name.")
+@click.option("--alias", help="Point this alias of --name at the new version.")
+@click.option("--max-tokens", type=int, help="Default max_tokens of the packaged model.")
+@click.option("--temperature", type=float, help="Default temperature (0 = greedy).")
+@click.option("--top-p", type=float, help="Default top_p.")
+@click.option("--top-k", type=int, help="Default top_k.")
+@click.option("--json", "as_json", is_flag=True, help="Print {run_id, model_uri, registered_name, version}.")
+def package(
+    source: str,
+    route: str,
+    precision: str,
+    task: str,
+    provider: str,
+    name: str | None,
+    alias: str | None,
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    top_k: int | None,
+    as_json: bool,
+) -> None:
+    """Package SOURCE (hub id, checkpoint or ONNX GenAI folder) as an MLflow model in a new run."""
+    from slmflow.packaging import PackageSpec
+    from slmflow.packaging import package as run_package
+
+    defaults = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+    spec = PackageSpec(
+        source=source,
+        route=route,
+        precision=precision,
+        task=task,
+        provider=provider,
+        name=name or None,  # MLproject passes "" for "not set"
+        alias=alias or None,
+        generation_defaults={k: v for k, v in defaults.items() if v is not None},
+    )
+    with progress_bar(not as_json) as progress:
+        result = run_package(spec, progress)
+    if as_json:
+        click.echo(json.dumps(result.as_json()))
+        return
+    click.echo(f"run {result.run_id}: {result.model_uri}")
+    if result.version:
+        click.echo(f"registered {result.registered_name} version {result.version}" + (f" as @{alias}" if alias else ""))
+
+
+@main.command()
+@click.argument("name")
+@click.argument("alias")
+@click.argument("version")
+def alias(name: str, alias: str, version: str) -> None:
+    """Point ALIAS of registered model NAME at VERSION."""
+    from slmflow.registry import set_alias
+
+    set_alias(name, alias, version)
+    click.echo(f"{name}@{alias} -> version {version}")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def demo(as_json: bool) -> None:
+    """Offline end to end: build the tiny fixture, package it both ways, register, load by alias, answer."""
+    from slmflow.demo import run_demo
+
+    with progress_bar(not as_json) as progress:
+        report = run_demo(progress, echo=None if as_json else click.echo)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))

@@ -1,0 +1,373 @@
+"""The generation scheduler: one owner thread per loaded model, fed by a request queue.
+
+Every ONNX Runtime GenAI call happens on the owner thread, so callers on any thread (pyfunc
+`predict`, the HTTP server, a Spark UDF) are safe. Requests that wait together and sample alike are
+run as one batched `og.Generator`; see `_batch_key` for what may share a batch and why.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slmflow.errors import InvalidRequest, Overloaded, SlmflowError
+from slmflow.generation.chat import ChatTemplate, validate_messages
+from slmflow.generation.openai import Completion, FinishReason, Usage
+from slmflow.generation.params import SamplingParams
+from slmflow.generation.stops import StopMatcher
+
+log = logging.getLogger(__name__)
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    max_batch_size: int = 8
+    max_queue: int = 256  # waiting requests; more are refused with Overloaded
+    intra_op_threads: int | None = None  # None: every core this process may use
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    number: int = field(default_factory=lambda: next(_ids))
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+class TokenStream:
+    """The caller's side of one request: iterate for text deltas, then read `completion`."""
+
+    def __init__(self, request: _Request) -> None:
+        self._request = request
+        self.completion: Completion | None = None
+        self.first_token_seconds: float | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        while self.completion is None:
+            kind, value = self._request.events.get()
+            if kind == "text":
+                if self.first_token_seconds is None:
+                    self.first_token_seconds = time.perf_counter() - self._request.enqueued
+                yield value
+            elif kind == "done":
+                self.completion = value
+            else:
+                raise value
+
+    def cancel(self) -> None:
+        """Stop generating; the batch slot is released at the next step."""
+        self._request.cancelled.set()
+
+    def result(self) -> Completion:
+        for _ in self:
+            pass
+        assert self.completion is not None
+        return self.completion
+
+
+class GenerationEngine:
+    """A loaded ONNX Runtime GenAI model, its tokenizer, chat template and scheduler thread."""
+
+    def __init__(self, model_dir: str | Path, options: EngineOptions | None = None) -> None:
+        self.model_dir = Path(model_dir)
+        self.options = options or EngineOptions()
+        config = _read_genai_config(self.model_dir)
+        self.context_length: int = int(config["model"].get("context_length") or config["search"]["max_length"])
+        self.eos_token_ids: frozenset[int] = frozenset(_as_list(config["model"].get("eos_token_id")))
+        self.pad_token_id: int = int(config["model"].get("pad_token_id") or min(self.eos_token_ids, default=0))
+        self.defaults = _search_defaults(config.get("search", {}))
+        self.chat_template = ChatTemplate.from_model_dir(self.model_dir)
+        self._pending: deque[_Request] = deque()
+        self._wakeup = threading.Condition()
+        self._closed = False
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self.stats = EngineStats()
+        self._thread = threading.Thread(target=self._owner, name=f"slmflow-engine-{self.model_dir.name}", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._load_error:
+            raise SlmflowError(f"cannot load the ONNX Runtime GenAI model in {self.model_dir}: {self._load_error}")
+
+    # --- caller side (any thread) -------------------------------------------------------------
+
+    def render_chat(self, messages: Any) -> str:
+        if self.chat_template is None:
+            raise InvalidRequest("this model has no chat template; send a plain prompt instead", param="messages")
+        return self.chat_template.render(validate_messages(messages))
+
+    def encode(self, text: str) -> list[int]:
+        with self._tokenizer_lock:
+            return [int(t) for t in self._tokenizer.encode(text)]
+
+    def submit(self, prompt: str | list[int], params: SamplingParams | None = None) -> TokenStream:
+        """Queue a generation; raise InvalidRequest or Overloaded at once if it cannot be served."""
+        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        request = _Request(prompt_ids, self._resolve(params or SamplingParams(), len(prompt_ids)))
+        with self._wakeup:
+            if self._closed:
+                raise SlmflowError("the model has been unloaded")
+            if len(self._pending) >= self.options.max_queue:
+                raise Overloaded(f"the generation queue is full ({self.options.max_queue} waiting requests)")
+            self._pending.append(request)
+            self.stats.queue_depth = len(self._pending)
+            self._wakeup.notify()
+        return TokenStream(request)
+
+    def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Completion:
+        return self.submit(prompt, params).result()
+
+    def close(self) -> None:
+        with self._wakeup:
+            self._closed = True
+            self._wakeup.notify()
+        self._thread.join(timeout=30)
+
+    def _resolve(self, params: SamplingParams, prompt_len: int) -> SamplingParams:
+        """Fill unset params from the model's defaults and check the request fits the context."""
+        if prompt_len == 0:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        room = self.context_length - prompt_len
+        if room < 1:
+            raise InvalidRequest(
+                f"the prompt has {prompt_len} tokens; this model's context is {self.context_length} tokens",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        merged = params.merged_over(self.defaults)
+        max_tokens = merged.max_tokens or room
+        if max_tokens > room:
+            raise InvalidRequest(
+                f"this model's context is {self.context_length} tokens; the prompt has {prompt_len} and "
+                f"max_tokens asks for {max_tokens} more",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        if merged.min_tokens > max_tokens:
+            raise InvalidRequest("min_tokens must not exceed max_tokens", param="min_tokens")
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=merged.temperature or 0.0,
+            top_p=merged.top_p,
+            top_k=merged.top_k,
+            stop=merged.stop,
+            seed=merged.seed,
+            min_tokens=merged.min_tokens,
+        )
+
+    # --- owner thread -----------------------------------------------------------------------
+
+    def _owner(self) -> None:
+        try:
+            self._load()
+        except Exception as e:  # reported to the constructor's caller
+            self._load_error = e
+            self._ready.set()
+            return
+        self._ready.set()
+        while batch := self._next_batch():
+            try:
+                self._run(batch)
+            except Exception as e:
+                log.exception("generation failed for %d request(s)", len(batch))
+                for request in batch:
+                    request.events.put(("error", SlmflowError(f"generation failed: {e}")))
+
+    def _load(self) -> None:
+        import onnxruntime_genai as og
+
+        config = og.Config(str(self.model_dir))
+        threads = self.options.intra_op_threads or len(os.sched_getaffinity(0))
+        # Measured: the default thread pool halves int4 decode speed on small machines.
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self._og = og
+        self._model = og.Model(config)
+        self._tokenizer = og.Tokenizer(self._model)
+        self._tokenizer_lock = threading.Lock()
+
+    def _next_batch(self) -> list[_Request]:
+        """Wait for work; take the oldest request and every waiting one that may share its batch."""
+        with self._wakeup:
+            while not self._pending and not self._closed:
+                self._wakeup.wait()
+            if self._closed:
+                for request in self._pending:
+                    request.events.put(("error", SlmflowError("the model has been unloaded")))
+                return []
+            first = self._pending.popleft()
+            batch, key = [first], _batch_key(first)
+            for request in list(self._pending):
+                if len(batch) >= self.options.max_batch_size:
+                    break
+                if _batch_key(request) == key and self._fits(batch + [request]):
+                    self._pending.remove(request)
+                    batch.append(request)
+            self.stats.queue_depth = len(self._pending)
+            return [r for r in batch if not _drop_if_cancelled(r)]
+
+    def _fits(self, batch: list[_Request]) -> bool:
+        """A batch's KV buffer spans its longest prompt plus its longest answer; both must fit."""
+        width = max(len(r.prompt_ids) for r in batch)
+        return width + max(r.params.max_tokens or 0 for r in batch) <= self.context_length
+
+    def _run(self, batch: list[_Request]) -> None:
+        if not batch:
+            return
+        og = self._og
+        import numpy as np
+
+        width = max(len(r.prompt_ids) for r in batch)
+        new_tokens = max(r.params.max_tokens or 0 for r in batch)
+        params = og.GeneratorParams(self._model)
+        params.set_search_options(**_search_options(batch[0].params, len(batch), width, new_tokens))
+        generator = og.Generator(self._model, params)
+        tokens = np.full((len(batch), width), self.pad_token_id, dtype=np.int32)
+        for row, request in enumerate(batch):
+            tokens[row, : len(request.prompt_ids)] = request.prompt_ids
+        generator.append_tokens(tokens if len(batch) > 1 else tokens[0])
+        rows = [_Row(r, self._tokenizer.create_stream()) for r in batch]
+        self.stats.batch_started(len(batch))
+        while not generator.is_done() and any(not row.finished for row in rows):
+            generator.generate_next_token()
+            next_tokens = generator.get_next_tokens()
+            for row, token in zip(rows, next_tokens, strict=True):
+                row.step(int(token), self.eos_token_ids)
+        for row in rows:
+            row.finish("length")
+        self.stats.batch_finished(len(batch), sum(row.generated for row in rows))
+
+
+class _Row:
+    """One request's place in a running batch: detokenizes, applies stop strings, emits events."""
+
+    def __init__(self, request: _Request, stream: Any) -> None:
+        self.request = request
+        self.stream = stream
+        self.stops = StopMatcher(request.params.stop)
+        self.generated = 0
+        self.text: list[str] = []
+        self.finished = False
+
+    def step(self, token: int, eos: frozenset[int]) -> None:
+        if self.finished:
+            return
+        if self.request.cancelled.is_set():
+            self.finished = True  # nobody is listening: drop it silently
+            return
+        self.generated += 1
+        if token in eos:
+            self.finish("stop")
+            return
+        text, stopped = self.stops.feed(self.stream.decode(token))
+        self._emit(text)
+        if stopped:
+            self.finish("stop", flush=False)
+        elif self.generated >= (self.request.params.max_tokens or 0):
+            self.finish("length")
+
+    def finish(self, reason: FinishReason, *, flush: bool = True) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if flush:
+            self._emit(self.stops.flush())
+        usage = Usage(len(self.request.prompt_ids), self.generated)
+        self.request.events.put(("done", Completion("".join(self.text), reason, usage)))
+
+    def _emit(self, text: str) -> None:
+        if text:
+            self.text.append(text)
+            self.request.events.put(("text", text))
+
+
+@dataclass
+class EngineStats:
+    """Counters read by the server's /metrics; written only by the owner thread."""
+
+    queue_depth: int = 0
+    running: int = 0
+    batches: int = 0
+    batched_requests: int = 0
+    generated_tokens: int = 0
+
+    def batch_started(self, size: int) -> None:
+        self.running = size
+        self.batches += 1
+        self.batched_requests += size
+
+    def batch_finished(self, size: int, tokens: int) -> None:
+        self.running = 0
+        self.generated_tokens += tokens
+
+
+def _batch_key(request: _Request) -> tuple:
+    """Requests with equal keys may share one batched Generator.
+
+    Search options belong to the whole Generator, so only alike requests can share one. A seeded
+    sampled request runs alone: its random stream would otherwise depend on its batch neighbours,
+    and the same seed must give the same output.
+    """
+    p = request.params
+    if p.greedy:
+        return ("greedy", p.min_tokens)
+    if p.seed is not None:
+        return ("seeded", request.number)
+    return ("sample", p.temperature, p.top_p, p.top_k, p.min_tokens)
+
+
+def _search_options(p: SamplingParams, batch_size: int, width: int, new_tokens: int) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "batch_size": batch_size,
+        "max_length": width + new_tokens,
+        "min_length": width + p.min_tokens if p.min_tokens else 0,
+        "do_sample": not p.greedy,
+    }
+    if not p.greedy:
+        options["temperature"] = p.temperature
+        options["top_p"] = p.top_p if p.top_p is not None else 1.0
+        options["top_k"] = p.top_k if p.top_k else 0
+        if p.seed is not None:
+            options["random_seed"] = p.seed
+    return options
+
+
+def _drop_if_cancelled(request: _Request) -> bool:
+    return request.cancelled.is_set()
+
+
+def _search_defaults(search: dict[str, Any]) -> SamplingParams:
+    """The model's own generation defaults (from the checkpoint's generation config)."""
+    sampled = bool(search.get("do_sample"))
+    return SamplingParams(
+        temperature=float(search.get("temperature", 1.0)) if sampled else 0.0,
+        top_p=float(search["top_p"]) if sampled and "top_p" in search else None,
+        top_k=int(search["top_k"]) if sampled and search.get("top_k") else None,
+    )
+
+
+def _read_genai_config(folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / "genai_config.json").read_text())
+        config["model"], config.setdefault("search", {})
+        return config
+    except (OSError, ValueError, KeyError) as e:
+        raise SlmflowError(f"{folder} is not an ONNX Runtime GenAI model: cannot read genai_config.json ({e})") from e
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]

@@ -1,0 +1,115 @@
+"""The one place that builds OpenAI-shaped results: chat completions, completions and stream chunks.
+
+The flavor's pyfunc and the HTTP server both use these, so the two can never drift apart.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One finished generation: the new text only."""
+
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+
+
+def new_id(prefix: str = "chatcmpl") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def chat_completion(completions: list[Completion], *, model: str, id: str | None = None) -> dict[str, Any]:
+    """A `chat.completion` object with one choice per completion (OpenAI's `n`)."""
+    return {
+        "id": id or new_id(),
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": c.text},
+                "finish_reason": c.finish_reason,
+                "logprobs": None,
+            }
+            for index, c in enumerate(completions)
+        ],
+        "usage": _total_usage(completions).as_dict(),
+    }
+
+
+def text_completion(completions: list[Completion], *, model: str, id: str | None = None) -> dict[str, Any]:
+    """A legacy `text_completion` object (`/v1/completions`)."""
+    return {
+        "id": id or new_id("cmpl"),
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
+            for index, c in enumerate(completions)
+        ],
+        "usage": _total_usage(completions).as_dict(),
+    }
+
+
+def chat_chunk(
+    *,
+    id: str,
+    model: str,
+    created: int,
+    index: int = 0,
+    content: str | None = None,
+    role: str | None = None,
+    finish_reason: FinishReason | None = None,
+    usage: Usage | None = None,
+    with_choice: bool = True,
+) -> dict[str, Any]:
+    """A `chat.completion.chunk`; with `with_choice=False` it is the final usage-only chunk."""
+    delta: dict[str, Any] = {}
+    if role:
+        delta["role"] = role
+    if content is not None:
+        delta["content"] = content
+    choices = [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}] if with_choice else []
+    chunk: dict[str, Any] = {
+        "id": id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": choices,
+    }
+    if usage is not None:
+        chunk["usage"] = usage.as_dict()
+    return chunk
+
+
+def _total_usage(completions: list[Completion]) -> Usage:
+    # n choices share one prompt: OpenAI counts its tokens once.
+    prompt = completions[0].usage.prompt_tokens if completions else 0
+    return Usage(prompt, sum(c.usage.completion_tokens for c in completions))

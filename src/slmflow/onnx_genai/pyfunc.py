@@ -1,0 +1,140 @@
+"""The pyfunc face of an `onnx_genai` model: MLflow inputs in, generation requests out, OpenAI-shaped
+results back. Thin on purpose; scheduling and batching live in `slmflow.generation`."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from slmflow.errors import InvalidRequest, SlmflowError
+from slmflow.generation.engine import GenerationEngine, TokenStream
+from slmflow.generation.openai import chat_chunk, chat_completion, new_id
+from slmflow.generation.params import SamplingParams
+
+_MAX_N = 16
+
+
+class OnnxGenAIPyfunc:
+    """Answers every row of a batch; rows are submitted together so the engine batches them."""
+
+    def __init__(self, engine: GenerationEngine, task: str = "chat", defaults: dict[str, Any] | None = None) -> None:
+        self.engine = engine
+        self.task = task
+        defaults = dict(defaults or {})
+        self.model_name = str(defaults.pop("model_name", "onnx-genai"))
+        self.defaults = defaults
+
+    def get_raw_model(self) -> GenerationEngine:
+        return self.engine
+
+    def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> list[Any]:
+        with _as_mlflow_errors():
+            requests = [self._request(row, params) for row in _rows(model_input)]
+            streams: list[list[TokenStream]] = []
+            try:
+                for prompt, sampling, n in requests:
+                    streams.append([self.engine.submit(prompt, sampling) for _ in range(n)])
+            except SlmflowError:
+                for stream in (s for group in streams for s in group):
+                    stream.cancel()
+                raise
+            results = [[s.result() for s in group] for group in streams]
+        if self.task == "chat":
+            return [chat_completion(group, model=self.model_name) for group in results]
+        return [group[0].text for group in results]
+
+    def predict_stream(self, model_input: Any, params: dict[str, Any] | None = None) -> Iterator[Any]:
+        """Chat: `chat.completion.chunk` dicts; prompt: text pieces. One input row."""
+        with _as_mlflow_errors():
+            rows = _rows(model_input)
+            if len(rows) != 1:
+                raise InvalidRequest(f"predict_stream takes one input row; got {len(rows)}")
+            prompt, sampling, n = self._request(rows[0], params)
+            if n != 1:
+                raise InvalidRequest("predict_stream supports n=1 only", param="n")
+            stream = self.engine.submit(prompt, sampling)
+        try:
+            yield from (self._chat_chunks(stream) if self.task == "chat" else stream)
+        finally:
+            stream.cancel()  # a consumer that stops early frees its batch slot
+
+    def _chat_chunks(self, stream: TokenStream) -> Iterator[dict[str, Any]]:
+        chunk_id, created = new_id(), int(time.time())
+        common = {"id": chunk_id, "model": self.model_name, "created": created}
+        yield chat_chunk(**common, role="assistant", content="")
+        for piece in stream:
+            yield chat_chunk(**common, content=piece)
+        completion = stream.completion
+        assert completion is not None
+        yield chat_chunk(**common, finish_reason=completion.finish_reason, usage=completion.usage)
+
+    def _request(self, row: dict[str, Any], params: dict[str, Any] | None) -> tuple[str, SamplingParams, int]:
+        """(prompt text, sampling params, n) for one row; row fields override call params and defaults."""
+        fields = {**self.defaults, **(params or {}), **{k: v for k, v in row.items() if k not in ("messages", "prompt")}}
+        sampling = SamplingParams.from_mapping(fields)
+        n = fields.get("n") or 1
+        if not isinstance(n, int) or not 1 <= n <= _MAX_N:
+            raise InvalidRequest(f"n must be an integer from 1 to {_MAX_N}; got {n!r}", param="n")
+        if self.task == "chat":
+            if "messages" not in row:
+                raise InvalidRequest("each input row needs 'messages'", param="messages")
+            return self.engine.render_chat(row["messages"]), sampling, n
+        prompt = row.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidRequest("each input row needs a non-empty string 'prompt'", param="prompt")
+        return prompt, sampling, n
+
+
+def _rows(model_input: Any) -> list[dict[str, Any]]:
+    """MLflow hands over a DataFrame, a dict, a list of dicts or strings: make them plain row dicts."""
+    if hasattr(model_input, "to_dict") and hasattr(model_input, "columns"):
+        records = model_input.to_dict(orient="records")
+    elif isinstance(model_input, dict):
+        records = _dict_rows(model_input)
+    elif isinstance(model_input, str):
+        records = [{"prompt": model_input}]
+    elif isinstance(model_input, list):
+        records = [{"prompt": r} if isinstance(r, str) else r for r in model_input]
+    else:
+        raise InvalidRequest(f"unsupported input type {type(model_input).__name__}")
+    if not records or not all(isinstance(r, dict) for r in records):
+        raise InvalidRequest("the input must hold at least one row of fields")
+    return [{k: _plain(v) for k, v in r.items() if not _missing(v)} for r in records]
+
+
+def _dict_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """{"prompt": "x"} is one row; {"prompt": ["x", "y"]} (column form) is two."""
+    if isinstance(data.get("prompt"), list):
+        prompts = data["prompt"]
+        return [{**data, "prompt": p} for p in prompts]
+    return [data]
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "tolist"):  # numpy arrays and scalars from schema enforcement
+        value = value.tolist()
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items() if not _missing(v)}
+    return value
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+class _as_mlflow_errors:
+    """Our user errors surface as MLflow's invalid-parameter errors (HTTP 400 in its server)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, error: BaseException | None, tb: Any) -> bool:
+        if isinstance(error, SlmflowError):
+            from mlflow.exceptions import MlflowException
+
+            raise MlflowException.invalid_parameter_value(str(error)) from error
+        return False

@@ -1,0 +1,199 @@
+"""One `package` call = one MLflow run: resolve the source, convert, log, check it loads, register.
+
+Everything that can be checked is checked before the run starts; a failure inside the run marks it
+FAILED, and the model is registered only once it is fully logged and loads back.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from slmflow import convert
+from slmflow.checkpoints import Checkpoint, resolve
+from slmflow.errors import SlmflowError
+from slmflow.onnx_genai.schema import CHAT_EXAMPLE, TASKS
+
+ROUTES = ("onnx", "transformers")
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class PackageSpec:
+    source: str
+    route: str = "onnx"
+    precision: str = "int4"
+    task: str = "chat"
+    provider: str = "cpu"
+    name: str | None = None  # registered model name
+    alias: str | None = None
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.route not in ROUTES:
+            raise SlmflowError(f"unknown route {self.route!r}; choose one of {', '.join(ROUTES)}")
+        if self.task not in TASKS:
+            raise SlmflowError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.route == "transformers" and self.task != "chat":
+            raise SlmflowError("the transformers route packages the chat task (llm/v1/chat) only")
+        if self.route == "onnx":
+            convert.check_target(self.precision, self.provider)
+        if self.alias and not self.name:
+            raise SlmflowError("--alias needs --name: an alias points at a registered version")
+
+
+@dataclass(frozen=True)
+class PackageResult:
+    run_id: str
+    model_uri: str
+    registered_name: str | None
+    version: str | None
+    metrics: dict[str, float]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "model_uri": self.model_uri,
+            "registered_name": self.registered_name,
+            "version": self.version,
+        }
+
+
+def package(spec: PackageSpec, progress: Progress | None = None) -> PackageResult:
+    """Package `spec.source` as an MLflow model in a new run, and register it if asked."""
+    import mlflow
+
+    from slmflow import registry
+
+    spec.check()
+    checkpoint = resolve(spec.source)
+    if spec.route == "transformers" and checkpoint.kind != "hf":
+        raise SlmflowError("the transformers route needs a Hugging Face checkpoint, not an ONNX Runtime GenAI folder")
+    with mlflow.start_run(run_name=f"package-{spec.route}") as run:
+        mlflow.log_params(_params(spec, checkpoint))
+        metrics: dict[str, float] = {}
+        with tempfile.TemporaryDirectory(prefix="slmflow-package-") as work:
+            if spec.route == "onnx":
+                model_uri = _log_onnx(spec, checkpoint, Path(work), metrics, progress)
+            else:
+                model_uri = _log_transformers(spec, checkpoint, metrics, progress)
+        metrics["load_seconds"] = _time_load(model_uri, progress)
+        mlflow.log_metrics(metrics)
+        version = None
+        if spec.name:
+            _say(progress, f"registering {spec.name}")
+            version = registry.register(model_uri, spec.name, spec.alias, tags={"route": spec.route})
+        return PackageResult(run.info.run_id, model_uri, spec.name, version, metrics)
+
+
+def _params(spec: PackageSpec, checkpoint: Checkpoint) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "source": spec.source,
+        "source_kind": checkpoint.kind,
+        "architecture": checkpoint.architecture,
+        "route": spec.route,
+        "task": spec.task,
+    }
+    if spec.route == "onnx":
+        params |= {"precision": spec.precision if checkpoint.kind == "hf" else "as-is", "execution_provider": spec.provider}
+    params |= {f"generation.{k}": v for k, v in spec.generation_defaults.items()}
+    return params
+
+
+def _log_onnx(spec: PackageSpec, checkpoint: Checkpoint, work: Path, metrics: dict[str, float], progress: Progress | None) -> str:
+    from slmflow import onnx_genai
+
+    folder = checkpoint.path
+    if checkpoint.kind == "hf":
+        started = time.perf_counter()
+        folder = convert.convert(
+            checkpoint.path,
+            work / "onnx",
+            precision=spec.precision,
+            provider=spec.provider,
+            num_layers=_num_layers(checkpoint),
+            progress=progress,
+        )
+        metrics["conversion_seconds"] = time.perf_counter() - started
+    metrics["model_size_bytes"] = float(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()))
+    _say(progress, "logging the model to MLflow")
+    defaults = {"model_name": spec.name or Path(spec.source).name, **spec.generation_defaults}
+    info = onnx_genai.log_model(folder, name="model", task=spec.task, generation_defaults=defaults)
+    return info.model_uri
+
+
+def _log_transformers(spec: PackageSpec, checkpoint: Checkpoint, metrics: dict[str, float], progress: Progress | None) -> str:
+    import mlflow
+    import transformers
+
+    _say(progress, "loading the transformers pipeline")
+    pipe = transformers.pipeline("text-generation", model=str(checkpoint.path), device="cpu")
+    metrics["model_size_bytes"] = float(
+        sum(f.stat().st_size for f in checkpoint.path.rglob("*") if f.is_file() and f.suffix in {".safetensors", ".bin"})
+    )
+    _say(progress, "logging the model to MLflow")
+    info = mlflow.transformers.log_model(
+        transformers_model=pipe,
+        name="model",
+        task="llm/v1/chat",
+        model_config=transformers_model_config(spec.generation_defaults),
+        input_example=CHAT_EXAMPLE,
+        # MLflow's default adds torchvision, which does not install beside the CPU torch build.
+        pip_requirements=transformers_requirements(),
+    )
+    return info.model_uri
+
+
+def transformers_model_config(defaults: dict[str, Any]) -> dict[str, Any]:
+    """Pipeline generation settings from our OpenAI-style defaults."""
+    config: dict[str, Any] = {"max_new_tokens": int(defaults.get("max_tokens", 256))}
+    temperature = defaults.get("temperature")
+    if temperature:
+        config |= {"do_sample": True, "temperature": float(temperature)}
+    elif temperature == 0:
+        config["do_sample"] = False
+    for key in ("top_p", "top_k"):
+        if defaults.get(key) is not None:
+            config[key] = defaults[key]
+    return config
+
+
+def transformers_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("mlflow", "transformers", "torch", "tokenizers", "safetensors", "jinja2")]
+
+
+def _time_load(model_uri: str, progress: Progress | None) -> float:
+    """Load the logged model back as pyfunc: proves it loads, and measures how long that takes."""
+    import mlflow
+
+    from slmflow.generation.engine import GenerationEngine
+
+    _say(progress, "loading the logged model back")
+    started = time.perf_counter()
+    model = mlflow.pyfunc.load_model(model_uri)
+    seconds = time.perf_counter() - started
+    try:
+        raw = model.get_raw_model()
+    except (AttributeError, NotImplementedError):  # flavors without a raw model to stop
+        raw = None
+    if isinstance(raw, GenerationEngine):  # stop its owner thread now rather than at exit
+        raw.close()
+    return seconds
+
+
+def _num_layers(checkpoint: Checkpoint) -> int | None:
+    import json
+
+    config = json.loads((checkpoint.path / "config.json").read_text())
+    return config.get("num_hidden_layers")
+
+
+def _say(progress: Progress | None, message: str) -> None:
+    if progress:
+        progress(message, 0, 0)
