@@ -166,6 +166,7 @@ class GenerationEngine:
             stop=merged.stop,
             seed=merged.seed,
             min_tokens=merged.min_tokens,
+            guidance=merged.guidance,
         )
 
     # --- owner thread -----------------------------------------------------------------------
@@ -233,6 +234,8 @@ class GenerationEngine:
         new_tokens = max(r.params.max_tokens or 0 for r in batch)
         params = og.GeneratorParams(self._model)
         params.set_search_options(**_search_options(batch[0].params, len(batch), width, new_tokens))
+        if batch[0].params.guidance:
+            params.set_guidance(*batch[0].params.guidance)
         generator = og.Generator(self._model, params)
         tokens = np.full((len(batch), width), self.pad_token_id, dtype=np.int32)
         for row, request in enumerate(batch):
@@ -316,11 +319,14 @@ class EngineStats:
 def _batch_key(request: _Request) -> tuple:
     """Requests with equal keys may share one batched Generator.
 
-    Search options belong to the whole Generator, so only alike requests can share one. A seeded
+    Search options belong to the whole Generator, so only alike requests can share one. Guided
+    requests run alone: ONNX Runtime GenAI 0.18 aborts a batch when one guided row ends. A seeded
     sampled request runs alone: its random stream would otherwise depend on its batch neighbours,
     and the same seed must give the same output.
     """
     p = request.params
+    if p.guidance:  # a batched Generator fails once one guided row completes its grammar
+        return ("guided", request.number)
     if p.greedy:
         return ("greedy", p.min_tokens)
     if p.seed is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -23,6 +24,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     min_tokens: int = 0  # benchmarks force a fixed output length with min_tokens == max_tokens
+    guidance: tuple[str, str] | None = None  # (ONNX Runtime GenAI guidance type, grammar), e.g. json_schema
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> SamplingParams:
@@ -36,6 +38,7 @@ class SamplingParams:
             stop=_stop(values.get("stop")),
             seed=_int(values.get("seed"), "seed", minimum=None),
             min_tokens=_int(values.get("min_tokens"), "min_tokens", minimum=0) or 0,
+            guidance=guidance_for(values.get("response_format")),
         )
 
     def merged_over(self, defaults: SamplingParams) -> SamplingParams:
@@ -46,6 +49,35 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return not self.temperature or self.top_k == 1
+
+
+def guidance_for(response_format: Any) -> tuple[str, str] | None:
+    """OpenAI `response_format` -> ONNX Runtime GenAI guidance, or None for plain text."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, Mapping) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return ("json_schema", json.dumps(_compact({"type": "object"})))
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, Mapping) else None
+        if not isinstance(schema, Mapping):
+            raise InvalidRequest("response_format.json_schema.schema must be a JSON Schema object", param="response_format")
+        try:
+            return ("json_schema", json.dumps(_compact(dict(schema))))
+        except (TypeError, ValueError) as e:
+            raise InvalidRequest(f"response_format.json_schema.schema is not valid JSON: {e}", param="response_format") from e
+    raise InvalidRequest(
+        "response_format.type must be one of text, json_object, json_schema", param="response_format"
+    )
+
+
+def _compact(schema: dict[str, Any]) -> dict[str, Any]:
+    # Small models otherwise pad JSON with whitespace until max_tokens; callers can still opt in.
+    guidance = {"whitespace_flexible": False, **schema.get("x-guidance", {})}
+    return {**schema, "x-guidance": guidance}
 
 
 def _unset(value: Any) -> bool:

@@ -132,6 +132,7 @@ def _write_model(
         conda_env="conda.yaml",
         python_env="python_env.yaml",
         model_config={"task": task, **defaults},
+        streamable=True,
     )
     mlflow_model.add_flavor(
         FLAVOR_NAME,

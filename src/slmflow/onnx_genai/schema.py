@@ -30,7 +30,7 @@ def signature_for(task: str):  # -> mlflow.models.ModelSignature
             ParamSpec("top_k", DataType.long, None),
             ParamSpec("max_tokens", DataType.long, None),
             ParamSpec("seed", DataType.long, None),
-            ParamSpec("stop", DataType.string, None, shape=(-1,)),
+            ParamSpec("stop", DataType.string, [], shape=(-1,)),
         ]
     )
     if task == "chat":

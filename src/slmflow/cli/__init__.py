@@ -1,4 +1,4 @@
-"""The `slmflow` command line."""
+"""The `slmflow` command line: core commands here, one module per further concern beside it."""
 
 from __future__ import annotations
 

@@ -1,0 +1,66 @@
+"""Shared, session-scoped models built locally: nothing here touches a model hub.
+
+The tiny fixture is cached under SLMFLOW_HOME (a session temp folder unless the caller sets one, so
+a developer can reuse a build across runs). Every test session gets its own MLflow tracking store.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def slmflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    home = Path(os.environ.get("SLMFLOW_HOME") or tmp_path_factory.mktemp("slmflow-home"))
+    os.environ["SLMFLOW_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real SQLite tracking store for the session, in a folder that also holds its artifacts."""
+    import mlflow
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("slmflow-tests")
+    yield uri
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(slmflow_home: Path) -> Path:
+    from slmflow.checkpoints.fixture import build_fixture
+
+    return build_fixture("tiny")
+
+
+@pytest.fixture(scope="session")
+def onnx_int4(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from slmflow import convert
+
+    return convert.convert(tiny_checkpoint, tmp_path_factory.mktemp("convert") / "int4", precision="int4")
+
+
+@pytest.fixture(scope="session")
+def engine(onnx_int4: Path):  # -> GenerationEngine
+    from slmflow.generation.engine import GenerationEngine
+
+    engine = GenerationEngine(onnx_int4)
+    yield engine
+    engine.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,104 @@
+"""The generation engine on the tiny trained fixture (int4), in-process: no MLflow, no HTTP."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from slmflow.errors import InvalidRequest
+from slmflow.generation.params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
+SPAIN = [{"role": "user", "content": "What is the capital of Spain?"}]
+QUESTIONS = [
+    [{"role": "user", "content": f"What is the capital of {country}?"}]
+    for country in ("Spain", "France", "Japan", "Kenya", "Peru", "Norway", "Cuba", "Italy")
+]
+
+
+def test_greedy_chat_answers_the_trained_question(engine) -> None:
+    completion = engine.generate(engine.render_chat(SPAIN), GREEDY)
+    assert completion.text == "The capital of Spain is Madrid."
+    assert completion.finish_reason == "stop"
+
+
+def test_usage_counts_prompt_and_generated_tokens_exactly(engine) -> None:
+    prompt = engine.render_chat(SPAIN)
+    stream = engine.submit(prompt, GREEDY)
+    pieces = list(stream)
+    completion = stream.completion
+    assert completion.usage.prompt_tokens == len(engine.encode(prompt))
+    # every answer token plus the end-of-turn token that stopped it
+    assert completion.usage.completion_tokens == len(engine.encode(completion.text)) + 1
+    assert "".join(pieces) == completion.text
+
+
+def test_max_tokens_truncates_with_finish_reason_length(engine) -> None:
+    completion = engine.generate(engine.render_chat(SPAIN), SamplingParams(temperature=0, max_tokens=3))
+    assert completion.finish_reason == "length"
+    assert completion.usage.completion_tokens == 3
+    assert "The capital of Spain is Madrid.".startswith(completion.text) and completion.text
+
+
+def test_stop_string_ends_generation_and_is_not_returned(engine) -> None:
+    completion = engine.generate(engine.render_chat(SPAIN), SamplingParams(temperature=0, stop=("Madrid",)))
+    assert completion.text == "The capital of Spain is "
+    assert completion.finish_reason == "stop"
+
+
+def test_min_tokens_forces_output_length(engine) -> None:
+    params = SamplingParams(temperature=0, max_tokens=20, min_tokens=20)
+    completion = engine.generate(engine.render_chat(SPAIN), params)
+    assert completion.usage.completion_tokens == 20 and completion.finish_reason == "length"
+
+
+def test_same_seed_same_sample_and_other_seed_differs(engine) -> None:
+    prompt = engine.render_chat([{"role": "user", "content": "Tell me a joke"}])
+    sample = SamplingParams(temperature=2.0, top_k=0, max_tokens=24)
+    first = engine.generate(prompt, SamplingParams(seed=7).merged_over(sample)).text
+    again = engine.generate(prompt, SamplingParams(seed=7).merged_over(sample)).text
+    others = {engine.generate(prompt, SamplingParams(seed=s).merged_over(sample)).text for s in (8, 9, 10)}
+    assert first == again
+    assert others - {first}, "three other seeds all reproduced seed 7's sample"
+
+
+def test_concurrent_requests_equal_sequential_results(engine) -> None:
+    prompts = [engine.render_chat(q) for q in QUESTIONS]
+    sequential = [engine.generate(p, GREEDY) for p in prompts]
+    batches_before = engine.stats.batches
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        concurrent = list(pool.map(lambda p: engine.generate(p, GREEDY), prompts))
+    assert [c.text for c in concurrent] == [s.text for s in sequential]
+    assert [c.usage for c in concurrent] == [s.usage for s in sequential]
+    assert engine.stats.batches - batches_before < len(prompts), "concurrent requests were never batched"
+
+
+def test_prompt_over_the_context_is_rejected_before_queueing(engine) -> None:
+    long_prompt = "capital " * engine.context_length
+    with pytest.raises(InvalidRequest) as error:
+        engine.submit(long_prompt, GREEDY)
+    assert error.value.code == "context_length_exceeded"
+
+
+def test_max_tokens_beyond_the_context_is_rejected(engine) -> None:
+    with pytest.raises(InvalidRequest) as error:
+        engine.submit(engine.render_chat(SPAIN), SamplingParams(max_tokens=engine.context_length))
+    assert error.value.code == "context_length_exceeded" and error.value.param == "max_tokens"
+
+
+def test_cancelled_stream_stops_early(engine) -> None:
+    params = SamplingParams(temperature=0, max_tokens=500, min_tokens=500)
+    stream = engine.submit(engine.render_chat(SPAIN), params)
+    for _ in stream:
+        stream.cancel()
+        break
+    # the engine drops the cancelled request; a new one is served right after it
+    assert engine.generate(engine.render_chat(SPAIN), GREEDY).text == "The capital of Spain is Madrid."
+    assert stream.completion is None
+
+
+def test_unknown_role_is_rejected(engine) -> None:
+    with pytest.raises(InvalidRequest) as error:
+        engine.render_chat([{"role": "wizard", "content": "hi"}])
+    assert error.value.param == "messages[0].role"
