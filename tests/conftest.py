@@ -64,3 +64,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def packaged(tiny_checkpoint: Path) -> dict[str, dict]:
+    """The tiny fixture packaged by the CLI: ONNX chat, ONNX prompt and transformers chat, registered @champion."""
+    import json
+
+    from click.testing import CliRunner
+
+    from slmflow.cli import main
+
+    results = {}
+    for key, args in {
+        "onnx-chat": ["--route", "onnx", "--task", "chat"],
+        "onnx-prompt": ["--route", "onnx", "--task", "prompt"],
+        "transformers-chat": ["--route", "transformers"],
+    }.items():
+        run = CliRunner().invoke(
+            main, ["package", str(tiny_checkpoint), *args, "--name", f"tiny-{key}", "--alias", "champion", "--json"]
+        )
+        assert run.exit_code == 0, run.output
+        results[key] = json.loads(run.stdout.strip().splitlines()[-1])
+    return results

@@ -62,6 +62,18 @@ def progress_bar(enabled: bool = True) -> Iterator[Progress]:
 def main() -> None:
     """Small language models as first-class MLflow models."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    """Our progress bars and one-line results replace the libraries' own chatter."""
+    import logging
+
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
+    # Offline, MLflow cannot fetch a model card or license for a local checkpoint: expected, not news.
+    logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @main.command()

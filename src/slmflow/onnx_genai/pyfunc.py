@@ -72,7 +72,9 @@ class OnnxGenAIPyfunc:
 
     def _request(self, row: dict[str, Any], params: dict[str, Any] | None) -> tuple[str, SamplingParams, int]:
         """(prompt text, sampling params, n) for one row; row fields override call params and defaults."""
-        fields = {**self.defaults, **(params or {}), **{k: v for k, v in row.items() if k not in ("messages", "prompt")}}
+        # MLflow fills absent params with the signature's defaults (None, []): those must not mask ours.
+        call = {k: v for k, v in _plain(params or {}).items() if v not in (None, [])}
+        fields = {**self.defaults, **call, **{k: v for k, v in row.items() if k not in ("messages", "prompt")}}
         sampling = SamplingParams.from_mapping(fields)
         n = fields.get("n") or 1
         if not isinstance(n, int) or not 1 <= n <= _MAX_N:
