@@ -102,3 +102,23 @@ def test_unknown_role_is_rejected(engine) -> None:
     with pytest.raises(InvalidRequest) as error:
         engine.render_chat([{"role": "wizard", "content": "hi"}])
     assert error.value.param == "messages[0].role"
+
+
+def test_a_request_cancelled_while_queued_does_not_stop_the_engine(engine) -> None:
+    prompt = engine.render_chat(SPAIN)
+    running = engine.submit(prompt, SamplingParams(temperature=0, max_tokens=200, min_tokens=200))
+    queued = engine.submit(prompt, SamplingParams(temperature=0.5, max_tokens=5))  # another batch key: waits
+    queued.cancel()
+    running.result()
+    with ThreadPoolExecutor(1) as pool:
+        after = pool.submit(engine.generate, prompt, GREEDY)
+        assert after.result(timeout=60).text == "The capital of Spain is Madrid."
+
+
+def test_token_logprobs_prefer_the_trained_answer(engine) -> None:
+    prompt = engine.encode(engine.render_chat(SPAIN))
+    right = engine.token_logprobs(prompt + engine.encode("The capital of Spain is Madrid."))
+    wrong = engine.token_logprobs(prompt + engine.encode("The capital of Spain is Lima."))
+    assert len(right) == len(prompt) + len(engine.encode("The capital of Spain is Madrid.")) - 1
+    assert all(lp <= 0 for lp in right)
+    assert sum(right) > sum(wrong)

@@ -15,10 +15,11 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from slmflow.errors import InvalidRequest, Overloaded, SlmflowError
 from slmflow.generation.chat import ChatTemplate, validate_messages
@@ -27,6 +28,7 @@ from slmflow.generation.params import SamplingParams
 from slmflow.generation.stops import StopMatcher
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 _ids = itertools.count()
 
 
@@ -91,6 +93,7 @@ class GenerationEngine:
         self.defaults = _search_defaults(config.get("search", {}))
         self.chat_template = ChatTemplate.from_model_dir(self.model_dir)
         self._pending: deque[_Request] = deque()
+        self._calls: deque[_Call] = deque()
         self._wakeup = threading.Condition()
         self._closed = False
         self._ready = threading.Event()
@@ -129,6 +132,22 @@ class GenerationEngine:
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Completion:
         return self.submit(prompt, params).result()
+
+    def run_on_owner(self, fn: Callable[[Any, Any], T]) -> T:
+        """Run `fn(og, model)` on the owner thread, between batches, and return its result."""
+        call = _Call(fn)
+        with self._wakeup:
+            if self._closed:
+                raise SlmflowError("the model has been unloaded")
+            self._calls.append(call)
+            self._wakeup.notify()
+        return call.future.result()
+
+    def token_logprobs(self, token_ids: list[int]) -> list[float]:
+        """log p(token_i | tokens before it) for every token after the first, within the context."""
+        if not 2 <= len(token_ids) <= self.context_length:
+            raise InvalidRequest(f"scoring needs 2 to {self.context_length} tokens; got {len(token_ids)}")
+        return self.run_on_owner(lambda og, model: _score_tokens(og, model, token_ids))
 
     def close(self) -> None:
         with self._wakeup:
@@ -179,13 +198,19 @@ class GenerationEngine:
             self._ready.set()
             return
         self._ready.set()
-        while batch := self._next_batch():
-            try:
-                self._run(batch)
-            except Exception as e:
-                log.exception("generation failed for %d request(s)", len(batch))
-                for request in batch:
-                    request.events.put(("error", SlmflowError(f"generation failed: {e}")))
+        while (work := self._next_work()) is not None:
+            if isinstance(work, _Call):
+                work.run(self._og, self._model)
+            elif work:
+                self._run_safely(work)
+
+    def _run_safely(self, batch: list[_Request]) -> None:
+        try:
+            self._run(batch)
+        except Exception as e:
+            log.exception("generation failed for %d request(s)", len(batch))
+            for request in batch:
+                request.events.put(("error", SlmflowError(f"generation failed: {e}")))
 
     def _load(self) -> None:
         import onnxruntime_genai as og
@@ -199,15 +224,20 @@ class GenerationEngine:
         self._tokenizer = og.Tokenizer(self._model)
         self._tokenizer_lock = threading.Lock()
 
-    def _next_batch(self) -> list[_Request]:
-        """Wait for work; take the oldest request and every waiting one that may share its batch."""
+    def _next_work(self) -> _Call | list[_Request] | None:
+        """Wait for work: a call, or the oldest request with every waiting one that may share its
+        batch (cancelled ones dropped, so possibly empty). None once the engine is closed."""
         with self._wakeup:
-            while not self._pending and not self._closed:
+            while not self._pending and not self._calls and not self._closed:
                 self._wakeup.wait()
             if self._closed:
                 for request in self._pending:
                     request.events.put(("error", SlmflowError("the model has been unloaded")))
-                return []
+                for call in self._calls:
+                    call.future.set_exception(SlmflowError("the model has been unloaded"))
+                return None
+            if self._calls:
+                return self._calls.popleft()
             first = self._pending.popleft()
             batch, key = [first], _batch_key(first)
             for request in list(self._pending):
@@ -217,7 +247,7 @@ class GenerationEngine:
                     self._pending.remove(request)
                     batch.append(request)
             self.stats.queue_depth = len(self._pending)
-            return [r for r in batch if not _drop_if_cancelled(r)]
+            return [r for r in batch if not r.cancelled.is_set()]
 
     def _fits(self, batch: list[_Request]) -> bool:
         """A batch's KV buffer spans its longest prompt plus its longest answer; both must fit."""
@@ -296,6 +326,37 @@ class _Row:
             self.request.events.put(("text", text))
 
 
+class _Call:
+    """A function to run on the owner thread, with the future its caller waits on."""
+
+    def __init__(self, fn: Callable[[Any, Any], Any]) -> None:
+        self.fn = fn
+        self.future: Future = Future()
+
+    def run(self, og: Any, model: Any) -> None:
+        try:
+            self.future.set_result(self.fn(og, model))
+        except Exception as e:
+            self.future.set_exception(e)
+
+
+def _score_tokens(og: Any, model: Any, token_ids: list[int]) -> list[float]:
+    """Teacher-forced log-probabilities, one token at a time (the Generator exposes last-position
+    logits only)."""
+    import numpy as np
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(token_ids), do_sample=False)
+    generator = og.Generator(model, params)
+    logprobs = []
+    for current, following in zip(token_ids, token_ids[1:], strict=False):
+        generator.append_tokens(np.array([current], dtype=np.int32))
+        logits = generator.get_logits().reshape(-1).astype(np.float64)
+        top = logits.max()
+        logprobs.append(float(logits[following] - top - np.log(np.exp(logits - top).sum())))
+    return logprobs
+
+
 @dataclass
 class EngineStats:
     """Counters read by the server's /metrics; written only by the owner thread."""
@@ -348,10 +409,6 @@ def _search_options(p: SamplingParams, batch_size: int, width: int, new_tokens: 
         if p.seed is not None:
             options["random_seed"] = p.seed
     return options
-
-
-def _drop_if_cancelled(request: _Request) -> bool:
-    return request.cancelled.is_set()
 
 
 def _search_defaults(search: dict[str, Any]) -> SamplingParams:
