@@ -165,3 +165,13 @@ def demo(as_json: bool) -> None:
         report = run_demo(progress, echo=None if as_json else click.echo)
     if as_json:
         click.echo(json.dumps(report, indent=2))
+
+
+def _register_commands() -> None:
+    from slmflow.cli.evaluate import compare, eval_command, promote
+
+    for command in (eval_command, promote, compare):
+        main.add_command(command)
+
+
+_register_commands()
