@@ -77,3 +77,10 @@ def test_json_object_maps_to_a_compact_object_schema() -> None:
     kind, schema = guidance_for({"type": "json_object"})
     assert kind == "json_schema"
     assert '"type": "object"' in schema and '"whitespace_flexible": false' in schema
+
+
+def test_seed_zero_is_a_seed_and_choices_get_distinct_reproducible_seeds() -> None:
+    params = SamplingParams(seed=0).merged_over(SamplingParams(seed=5, temperature=1.0))
+    assert params.seed == 0
+    assert [params.for_choice(i).seed for i in range(3)] == [0, 1, 2]
+    assert SamplingParams().for_choice(2).seed is None

@@ -169,8 +169,9 @@ def demo(as_json: bool) -> None:
 
 def _register_commands() -> None:
     from slmflow.cli.evaluate import compare, eval_command, promote
+    from slmflow.cli.serve import chat, serve
 
-    for command in (eval_command, promote, compare):
+    for command in (eval_command, promote, compare, serve, chat):
         main.add_command(command)
 
 

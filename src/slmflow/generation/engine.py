@@ -66,12 +66,16 @@ class TokenStream:
                 yield value
             elif kind == "done":
                 self.completion = value
+            elif kind == "cancelled":
+                return
             else:
                 raise value
 
     def cancel(self) -> None:
         """Stop generating; the batch slot is released at the next step."""
         self._request.cancelled.set()
+        # A cancelled request gets no further events: wake a consumer blocked waiting for one.
+        self._request.events.put(("cancelled", None))
 
     def result(self) -> Completion:
         for _ in self:

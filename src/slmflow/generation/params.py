@@ -46,6 +46,10 @@ class SamplingParams:
         changes = {f.name: getattr(defaults, f.name) for f in fields(self) if _unset(getattr(self, f.name))}
         return replace(self, **changes)
 
+    def for_choice(self, index: int) -> SamplingParams:
+        """Params of choice `index` of `n`: a seeded request's choices differ, yet each is reproducible."""
+        return self if self.seed is None or index == 0 else replace(self, seed=self.seed + index)
+
     @property
     def greedy(self) -> bool:
         return not self.temperature or self.top_k == 1
@@ -81,7 +85,7 @@ def _compact(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _unset(value: Any) -> bool:
-    return value is None or value == () or value == 0 and not isinstance(value, float)
+    return value is None or value == ()
 
 
 def _int(value: Any, name: str, *, minimum: int | None) -> int | None:

@@ -24,6 +24,9 @@ from slmflow.onnx_genai.schema import TASKS, default_input_example, signature_fo
 FLAVOR_NAME = "onnx_genai"
 MODEL_DATA_PATH = "model"
 _LOADER_MODULE = "slmflow.onnx_genai"
+# Scheduler limits a host may override at load time (`mlflow.pyfunc.load_model(uri, model_config=...)`,
+# `mlflow models serve`'s model config). Saved with their defaults: MLflow overrides saved keys only.
+ENGINE_OPTIONS: dict[str, int] = {"max_batch_size": 8, "max_queue": 256, "intra_op_threads": 0}
 # What of slmflow the model needs at load time, copied into the model as code.
 _CODE_PARTS = ("__init__.py", "errors.py", "generation", "onnx_genai")
 
@@ -131,7 +134,7 @@ def _write_model(
         code=code_dir,
         conda_env="conda.yaml",
         python_env="python_env.yaml",
-        model_config={"task": task, **defaults},
+        model_config={"task": task, **ENGINE_OPTIONS, **defaults},
         streamable=True,
     )
     mlflow_model.add_flavor(
@@ -204,12 +207,15 @@ def load_model(model_uri: str, dst_path: str | None = None, options: Any = None)
 
 def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None):
     """Called by `mlflow.pyfunc.load_model` with the model's `data` folder."""
-    from slmflow.generation.engine import GenerationEngine
+    from slmflow.generation.engine import EngineOptions, GenerationEngine
     from slmflow.onnx_genai.pyfunc import OnnxGenAIPyfunc
 
     config = dict(model_config or {})
     task = config.pop("task", "chat")
-    return OnnxGenAIPyfunc(GenerationEngine(path), task=task, defaults=config)
+    options = {key: config.pop(key) for key in ENGINE_OPTIONS if key in config}
+    # 0 threads: every core this process may use (the engine's own default).
+    options["intra_op_threads"] = options.get("intra_op_threads") or None
+    return OnnxGenAIPyfunc(GenerationEngine(path, EngineOptions(**options)), task=task, defaults=config)
 
 
 def _check_model_folder(source: Path) -> None:

@@ -35,7 +35,7 @@ class OnnxGenAIPyfunc:
             streams: list[list[TokenStream]] = []
             try:
                 for prompt, sampling, n in requests:
-                    streams.append([self.engine.submit(prompt, sampling) for _ in range(n)])
+                    streams.append([self.engine.submit(prompt, sampling.for_choice(i)) for i in range(n)])
             except SlmflowError:
                 for stream in (s for group in streams for s in group):
                     stream.cancel()

@@ -1,0 +1,64 @@
+"""Prometheus metrics of one app, in its own registry (two apps in one process never share counters)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from slmflow.generation.engine import EngineStats
+from slmflow.generation.openai import Usage
+
+# CPU small models answer their first token in milliseconds to seconds; queueing adds the tail.
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class Metrics:
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "slmflow_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
+        )
+        self.prompt_tokens = Counter(
+            "slmflow_prompt_tokens", "Prompt tokens of answered requests", registry=self.registry
+        )
+        self.completion_tokens = Counter(
+            "slmflow_completion_tokens", "Completion tokens returned to clients", registry=self.registry
+        )
+        self.time_to_first_token = Histogram(
+            "slmflow_time_to_first_token_seconds",
+            "From request arrival to its first generated text",
+            buckets=TTFT_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_EngineCollector(stats))
+
+    def answered(self, usage: Usage, first_token_seconds: float | None) -> None:
+        self.prompt_tokens.inc(usage.prompt_tokens)
+        self.completion_tokens.inc(usage.completion_tokens)
+        if first_token_seconds is not None:
+            self.time_to_first_token.observe(first_token_seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineCollector(Collector):
+    """The scheduler's own counters, read at scrape time (the engine owns them, not the server)."""
+
+    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        yield GaugeMetricFamily("slmflow_queue_depth", "Requests waiting for a batch slot", value=stats.queue_depth)
+        yield GaugeMetricFamily("slmflow_batch_size", "Requests in the running batch", value=stats.running)
+        yield CounterMetricFamily(
+            "slmflow_batches", "Batches run (mean batch size: batched_requests / batches)", value=stats.batches
+        )
+        yield CounterMetricFamily("slmflow_batched_requests", "Requests run in batches", value=stats.batched_requests)
+        yield CounterMetricFamily(
+            "slmflow_generated_tokens", "Tokens generated, cancelled requests included", value=stats.generated_tokens
+        )

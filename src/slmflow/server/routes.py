@@ -1,0 +1,240 @@
+"""The HTTP routes: OpenAI's chat and text completions, models, health, metrics and MLflow scoring."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from slmflow.generation.openai import (
+    Completion,
+    FinishReason,
+    Usage,
+    chat_chunk,
+    chat_completion,
+    new_id,
+    text_completion,
+)
+from slmflow.generation.params import SamplingParams
+from slmflow.server.backend import Backend, Generation
+from slmflow.server.errors import ApiError, as_api_error, client_gone, unauthorized
+from slmflow.server.metrics import Metrics
+from slmflow.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from slmflow.server.settings import ServerSettings
+from slmflow.server.streaming import DONE, EventStream, Relay, sse
+
+log = logging.getLogger("slmflow.server")
+T = TypeVar("T")
+
+
+@dataclass
+class ServerState:
+    """What the routes share: one per app, in `app.state.slmflow`."""
+
+    settings: ServerSettings
+    backend: Backend
+    metrics: Metrics
+    model_name: str
+    created: int  # when the model was loaded: /v1/models reports it
+
+
+def server(request: Request) -> ServerState:
+    return request.app.state.slmflow
+
+
+def require_api_key(request: Request) -> None:
+    """Bearer auth when an API key is set; the comparison takes the same time whatever the key."""
+    key = server(request).settings.api_key
+    if key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.get_secret_value().encode()):
+        raise unauthorized()
+
+
+open_routes = APIRouter()
+api = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@open_routes.get("/health")
+@open_routes.get("/ping")  # `mlflow models serve`'s health check
+async def health(request: Request) -> dict[str, str]:
+    return {"status": "ok", "model": server(request).model_name}
+
+
+@api.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    state = server(request)
+    model = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "slmflow"}
+    return {"object": "list", "data": [model]}
+
+
+@api.get("/metrics")
+async def metrics(request: Request) -> Response:
+    from prometheus_client import CONTENT_TYPE_LATEST
+
+    return Response(server(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@api.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    return await _complete(
+        request, body, CHAT, lambda backend, params: backend.chat(body.messages, params, body.choices)
+    )
+
+
+@api.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request) -> Response:
+    return await _complete(
+        request, body, TEXT, lambda backend, params: backend.complete(body.prompt, params, body.choices)
+    )
+
+
+@api.post("/invocations")
+async def invocations(request: Request) -> Response:
+    """MLflow's scoring protocol, answered by MLflow's own code so its clients see no difference."""
+    body = await request.body()
+    content_type = request.headers.get("content-type", "application/json")
+    answer = await run_in_threadpool(server(request).backend.invoke, body, content_type)
+    if answer.status >= 400:  # MLflow answers an unsupported content type in plain text
+        raise ApiError(answer.status, str(answer.response))
+    return Response(answer.response, status_code=answer.status, media_type=answer.mimetype)
+
+
+# --- completions, chat and text alike ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Kind:
+    """What differs between chat and text completions: ids, the whole object, the chunks."""
+
+    id_prefix: str
+    whole: Callable[..., dict[str, Any]]
+    chunk: Callable[..., dict[str, Any]]
+    announces_role: bool  # chat streams open each choice with {"role": "assistant"}
+
+
+def _text_chunk(
+    *,
+    id: str,
+    model: str,
+    created: int,
+    index: int = 0,
+    content: str | None = None,
+    finish_reason: FinishReason | None = None,
+    usage: Usage | None = None,
+    with_choice: bool = True,
+) -> dict[str, Any]:
+    """A streamed `text_completion` object (`/v1/completions` with `stream`)."""
+    choice = {"index": index, "text": content or "", "finish_reason": finish_reason, "logprobs": None}
+    chunk: dict[str, Any] = {
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice] if with_choice else [],
+    }
+    if usage is not None:
+        chunk["usage"] = usage.as_dict()
+    return chunk
+
+
+CHAT = _Kind("chatcmpl", chat_completion, chat_chunk, announces_role=True)
+TEXT = _Kind("cmpl", text_completion, _text_chunk, announces_role=False)
+
+
+async def _complete(
+    request: Request,
+    body: OpenAIRequest,
+    kind: _Kind,
+    start: Callable[[Backend, SamplingParams], list[Generation]],
+) -> Response:
+    state = server(request)
+    started = asyncio.get_running_loop().time()
+    params = SamplingParams.from_mapping(body.model_dump())
+    # Rendering and tokenizing a long prompt takes a while: not on the event loop.
+    generations = await run_in_threadpool(start, state.backend, params)
+    relay = Relay(generations, started=started, timeout=state.settings.request_timeout)
+    if body.stream:
+        return EventStream(_events(request, relay, kind, include_usage=body.include_usage), relay)
+    with relay:
+        finished = await _unless_client_leaves(request, relay.completions())
+    _answered(request, finished, relay.first_token_seconds)
+    return JSONResponse(kind.whole(finished, model=state.model_name))
+
+
+async def _events(request: Request, relay: Relay, kind: _Kind, *, include_usage: bool) -> AsyncGenerator[str, None]:
+    """The SSE stream of one request (EventStream cancels its generations, however it ends).
+
+    The status line is sent before the first event, so a failure travels as an error event.
+    """
+    common = {"id": new_id(kind.id_prefix), "model": server(request).model_name, "created": int(time.time())}
+    finished: dict[int, Completion] = {}
+    try:
+        if kind.announces_role:
+            for index in range(len(relay.generations)):
+                yield sse(kind.chunk(**common, index=index, role="assistant", content=""))
+        async for delta in relay:
+            if delta.completion is None:
+                yield sse(kind.chunk(**common, index=delta.index, content=delta.text))
+            else:
+                finished[delta.index] = delta.completion
+                yield sse(kind.chunk(**common, index=delta.index, finish_reason=delta.completion.finish_reason))
+    except Exception as error:
+        api_error = as_api_error(error, request)
+        if api_error.status >= 500:
+            log.error("stream failed", exc_info=error)
+        request.state.outcome = api_error.code or api_error.type
+        yield sse(api_error.body())
+        return
+    finally:
+        if len(finished) < len(relay.generations) and not hasattr(request.state, "outcome"):
+            request.state.outcome = "client disconnected"
+    completions = [finished[index] for index in range(len(finished))]
+    _answered(request, completions, relay.first_token_seconds)
+    if include_usage:
+        yield sse(kind.chunk(**common, usage=_total_usage(completions), with_choice=False))
+    yield DONE
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`; if the client disconnects first, cancel it (the caller's relay frees the slots)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done():  # the client left first
+        raise client_gone()
+    return task.result()
+
+
+async def _disconnected(request: Request) -> None:
+    # The body is read already, so the next ASGI message is the disconnect, whenever it comes.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _answered(request: Request, completions: list[Completion], first_token_seconds: float | None) -> None:
+    """Count a finished request in the metrics and its log line."""
+    usage = _total_usage(completions)
+    server(request).metrics.answered(usage, first_token_seconds)
+    request.state.usage = usage
+    request.state.first_token_seconds = first_token_seconds
+
+
+def _total_usage(completions: list[Completion]) -> Usage:
+    # n choices share one prompt: OpenAI counts its tokens once.
+    prompt = completions[0].usage.prompt_tokens if completions else 0
+    return Usage(prompt, sum(c.usage.completion_tokens for c in completions))

@@ -1,0 +1,31 @@
+"""The server's one settings class: `SLMFLOW_*` environment variables and `slmflow serve` flags."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServerSettings(BaseSettings):
+    """How to serve one model. Every field reads `SLMFLOW_<FIELD>`; CLI flags override them."""
+
+    # An empty variable (`SLMFLOW_API_KEY=`) means unset, not an empty key anyone could send.
+    model_config = SettingsConfigDict(env_prefix="SLMFLOW_", extra="ignore", env_ignore_empty=True)
+
+    model_uri: str | None = Field(None, description="models:/name@alias, models:/name/3, runs:/..., or a local path.")
+    model_name: str | None = Field(None, description="Name in /v1/models and responses; default: from the URI.")
+    host: str = Field("127.0.0.1", description="Interface to bind; loopback unless you mean to expose the server.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port).")
+    api_key: SecretStr | None = Field(
+        None, min_length=1, description="Require `Authorization: Bearer <key>` (all but /health)."
+    )
+    max_batch_size: int = Field(8, ge=1, description="Requests generated together in one batch.")
+    max_queue: int = Field(256, ge=1, description="Waiting requests; more are refused with 429.")
+    intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime threads; default: every usable core.")
+    request_timeout: float = Field(600.0, gt=0, description="Seconds a completion may take, queueing included.")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Larger request bodies are refused with 413.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Log level of the server and its per-request lines."
+    )
