@@ -168,10 +168,11 @@ def demo(as_json: bool) -> None:
 
 
 def _register_commands() -> None:
+    from slmflow.cli.bench import bench
     from slmflow.cli.evaluate import compare, eval_command, promote
     from slmflow.cli.serve import chat, serve
 
-    for command in (eval_command, promote, compare, serve, chat):
+    for command in (eval_command, promote, compare, serve, chat, bench):
         main.add_command(command)
 
 

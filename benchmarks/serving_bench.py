@@ -1,0 +1,459 @@
+"""Serving benchmark: slmflow against MLflow's scoring server and the raw engine, in one run.
+
+Systems, all on the same ONNX int4 weights (the transformers route on the same weights in fp32):
+  ceiling            raw ONNX Runtime GenAI in-process: Generator loop (1 stream), batched Generator (N)
+  slmflow-serve      `slmflow serve`, OpenAI API over HTTP, streaming
+  tutorial-mlflow    the tutorial's wrapper (benchmarks/tutorial_model.py) under `mlflow models serve`
+  flavor-mlflow      our onnx_genai flavor under `mlflow models serve`
+  transformers-mlflow  MLflow's transformers flavor under `mlflow models serve`
+
+Every request asks for the same prompt length and exactly `--tokens` new tokens (min = max), each
+concurrency level runs `--repetitions` times, and medians are reported.
+
+    python benchmarks/serving_bench.py                    # the full run on the bench fixture
+    python benchmarks/serving_bench.py --size tiny --quick   # a smoke run in seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+PROMPT = "Tell me about the history of the capital cities of Europe and how they grew over the centuries."
+
+
+@dataclass
+class Timing:
+    """One request: when it started, when each token (or the whole answer) arrived."""
+
+    start: float
+    token_times: list[float]
+    tokens: int
+
+    @property
+    def ttft(self) -> float:
+        return self.token_times[0] - self.start
+
+    @property
+    def itls(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
+
+
+@dataclass
+class Point:
+    system: str
+    concurrency: int
+    tokens_per_s: float
+    ttft_p50: float
+    ttft_p95: float
+    itl_p50: float | None
+    itl_p95: float | None
+    peak_rss_mb: float
+    ratios: dict[str, float] = field(default_factory=dict)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def summarize(system: str, concurrency: int, runs: list[tuple[float, list[Timing]]], rss: float) -> Point:
+    """Medians over repetitions of aggregate tokens/s; percentiles over all requests' latencies."""
+    throughput = statistics.median(sum(t.tokens for t in timings) / wall for wall, timings in runs)
+    timings = [t for _, ts in runs for t in ts]
+    itls = [i for t in timings for i in t.itls]
+    return Point(
+        system,
+        concurrency,
+        throughput,
+        percentile([t.ttft for t in timings], 0.5),
+        percentile([t.ttft for t in timings], 0.95),
+        percentile(itls, 0.5) if itls else None,
+        percentile(itls, 0.95) if itls else None,
+        rss,
+    )
+
+
+# --- systems ---------------------------------------------------------------------------------
+
+
+class Ceiling:
+    """Raw ONNX Runtime GenAI: one Generator for 1 stream, one batched Generator for N."""
+
+    name = "ceiling"
+
+    def __init__(self, onnx_dir: Path, tokens: int) -> None:
+        import onnxruntime_genai as og
+
+        config = og.Config(str(onnx_dir))
+        threads = len(os.sched_getaffinity(0))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+        self.og, self.tokens = og, tokens
+        self.model = og.Model(config)
+        self.prompt = og.Tokenizer(self.model).encode(PROMPT)
+
+    def run(self, concurrency: int) -> tuple[float, list[Timing]]:
+        import numpy as np
+
+        params = self.og.GeneratorParams(self.model)
+        length = len(self.prompt) + self.tokens
+        params.set_search_options(batch_size=concurrency, max_length=length, min_length=length)
+        start = time.perf_counter()
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(np.tile(self.prompt, (concurrency, 1)) if concurrency > 1 else self.prompt)
+        steps = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            steps.append(time.perf_counter())
+        timings = [Timing(start, steps, len(steps)) for _ in range(concurrency)]
+        return steps[-1] - start, timings
+
+    def rss_mb(self) -> float:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+
+    def close(self) -> None:
+        del self.model
+
+
+class HttpSystem:
+    """A server in a child process, driven by `concurrency` client threads, one request each."""
+
+    def __init__(self, name: str, command: list[str], request: Callable[[str], Timing], ready_path: str) -> None:
+        self.name, self.request = name, request
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1"}
+        self.log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
+        command = [part.replace("{port}", str(self.port)) for part in command]
+        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.peak_rss = 0.0
+        self._sampling = True
+        threading.Thread(target=self._sample_rss, daemon=True).start()
+        wait_ready(self.process, self.url + ready_path, Path(self.log.name))
+
+    def run(self, concurrency: int) -> tuple[float, list[Timing]]:
+        with ThreadPoolExecutor(concurrency) as pool:
+            start = time.perf_counter()
+            timings = list(pool.map(lambda _: self.request(self.url), range(concurrency)))
+        return max(t.token_times[-1] for t in timings) - start, timings
+
+    def rss_mb(self) -> float:
+        return self.peak_rss
+
+    def _sample_rss(self) -> None:
+        import psutil
+
+        while self._sampling and self.process.poll() is None:
+            try:
+                root = psutil.Process(self.process.pid)
+                rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+                self.peak_rss = max(self.peak_rss, rss / 2**20)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        self._sampling = False
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(timeout=60)
+
+
+def stream_chat(tokens: int) -> Callable[[str], Timing]:
+    """An OpenAI streaming chat request; each content chunk is timed."""
+
+    def request(url: str) -> Timing:
+        import httpx
+
+        body = {
+            "model": "bench",
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": tokens,
+            "min_tokens": tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        start, times, count = time.perf_counter(), [], 0
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    count = chunk["usage"]["completion_tokens"]
+                if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    times.append(time.perf_counter())
+        return Timing(start, times, count)
+
+    return request
+
+
+def invocations(body: dict, tokens: int, count_from_usage: bool) -> Callable[[str], Timing]:
+    """MLflow's /invocations: no streaming, so the whole answer arrives at once."""
+
+    def request(url: str) -> Timing:
+        import httpx
+
+        start = time.perf_counter()
+        response = httpx.post(f"{url}/invocations", json=body, timeout=600)
+        response.raise_for_status()
+        done = time.perf_counter()
+        count = tokens
+        if count_from_usage:
+            payload = response.json()
+            answer = payload[0] if isinstance(payload, list) else payload["predictions"][0]
+            count = answer["usage"]["completion_tokens"]
+        return Timing(start, [done], count)
+
+    return request
+
+
+def mlflow_serve(model_path: str) -> list[str]:
+    return [str(BIN / "mlflow"), "models", "serve", "-m", model_path, "--env-manager", "local", "-h", "127.0.0.1", "-p", "{port}"]
+
+
+# --- setup -----------------------------------------------------------------------------------
+
+
+def prepare_models(size: str, tokens: int, work: Path) -> dict[str, Path]:
+    """The fixture, its int4 ONNX folder, and each system's MLflow model folder."""
+    import mlflow
+
+    sys.path.insert(0, str(HERE))
+    import tutorial_model
+
+    from slmflow import convert, onnx_genai
+    from slmflow.checkpoints.fixture import build_fixture
+    from slmflow.packaging import transformers_model_config, transformers_requirements
+
+    checkpoint = build_fixture(size)
+    onnx_dir = convert.convert(checkpoint, work / "int4", precision="int4")
+    onnx_genai.save_model(onnx_dir, work / "flavor", task="chat", generation_defaults={"model_name": "bench"})
+    tutorial_model.save(str(onnx_dir), str(work / "tutorial"), tokens)
+    import transformers
+
+    pipe = transformers.pipeline("text-generation", model=str(checkpoint), device="cpu")
+    config = transformers_model_config({"max_tokens": tokens, "temperature": 0}) | {"min_new_tokens": tokens}
+    mlflow.transformers.save_model(
+        pipe, str(work / "transformers"), task="llm/v1/chat", model_config=config, pip_requirements=transformers_requirements()
+    )
+    return {"checkpoint": checkpoint, "onnx": onnx_dir, **{k: work / k for k in ("flavor", "tutorial", "transformers")}}
+
+
+def systems(models: dict[str, Path], tokens: int, only: set[str]) -> Iterator[Callable[[], object]]:
+    chat = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens, "min_tokens": tokens, "temperature": 0.0}
+    factories: dict[str, Callable[[], object]] = {
+        "ceiling": lambda: Ceiling(models["onnx"], tokens),
+        "slmflow-serve": lambda: HttpSystem(
+            "slmflow-serve",
+            [str(BIN / "slmflow"), "serve", str(models["flavor"]), "--port", "{port}", "--log-level", "warning", "--max-batch-size", "16"],
+            stream_chat(tokens),
+            "/health",
+        ),
+        "tutorial-mlflow": lambda: HttpSystem(
+            "tutorial-mlflow", mlflow_serve(str(models["tutorial"])), invocations({"prompt": f"<|user|>\n{PROMPT}<|end|>\n<|assistant|>\n"}, tokens, False), "/ping"
+        ),
+        "flavor-mlflow": lambda: HttpSystem(
+            "flavor-mlflow", mlflow_serve(str(models["flavor"])), invocations(chat, tokens, True), "/ping"
+        ),
+        "transformers-mlflow": lambda: HttpSystem(
+            "transformers-mlflow",
+            mlflow_serve(str(models["transformers"])),
+            invocations({"messages": chat["messages"]}, tokens, True),
+            "/ping",
+        ),
+    }
+    for name, factory in factories.items():
+        if name in only:
+            yield factory
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(process: subprocess.Popen, url: str, log: Path, timeout: float = 300) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"server not ready after {timeout}s: {log.read_text()[-2000:]}")
+
+
+# --- machine ----------------------------------------------------------------------------------
+
+
+def memory_bandwidth_gbs(size_mb: int = 512, repeats: int = 5) -> float:
+    """Best of a few large array copies: bytes read + bytes written per second."""
+    import numpy as np
+
+    source = np.ones(size_mb * 2**20 // 8)
+    target = np.empty_like(source)
+    best = min(_timed(lambda: np.copyto(target, source)) for _ in range(repeats))
+    return 2 * source.nbytes / best / 1e9
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def weight_bytes_per_token(onnx_dir: Path) -> int:
+    """Weights read to decode one token: all of them but the embedding table, of which one row is read."""
+    config = json.loads((onnx_dir / "genai_config.json").read_text())["model"]
+    data = sum(p.stat().st_size for p in onnx_dir.glob("*.onnx*"))
+    embedding = config["vocab_size"] * config["decoder"]["hidden_size"] * 4  # kept in fp32 by the builder
+    return data - embedding
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+def add_ratios(points: list[Point]) -> None:
+    by = {(p.system, p.concurrency): p for p in points}
+    for point in points:
+        for reference in ("ceiling", "tutorial-mlflow"):
+            base = by.get((reference, point.concurrency))
+            if base and base.tokens_per_s:
+                point.ratios[f"vs {reference}"] = point.tokens_per_s / base.tokens_per_s
+
+
+def markdown(points: list[Point], machine: dict, bandwidth: dict) -> str:
+    lines = [
+        f"Machine: {machine['cpu']}, {machine['cores']} cores; model: {machine['model']}; "
+        f"{machine['tokens']} new tokens per request; medians of {machine['repetitions']} repetitions.",
+        "",
+        "| system | clients | tokens/s | TTFT p50 (s) | TTFT p95 (s) | ITL p50 (ms) | ITL p95 (ms) | peak RSS (MB) | vs ceiling | vs tutorial |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in points:
+        itl50 = f"{p.itl_p50 * 1000:.1f}" if p.itl_p50 is not None else "n/a"
+        itl95 = f"{p.itl_p95 * 1000:.1f}" if p.itl_p95 is not None else "n/a"
+        ratio = lambda key: f"{p.ratios[key]:.2f}x" if key in p.ratios else "-"  # noqa: E731
+        lines.append(
+            f"| {p.system} | {p.concurrency} | {p.tokens_per_s:.1f} | {p.ttft_p50:.3f} | {p.ttft_p95:.3f} | "
+            f"{itl50} | {itl95} | {p.peak_rss_mb:.0f} | {ratio('vs ceiling')} | {ratio('vs tutorial-mlflow')} |"
+        )
+    lines += [
+        "",
+        f"Memory bandwidth (array copy): {bandwidth['gbs']:.1f} GB/s; weights read per decoded token: "
+        f"{bandwidth['bytes_per_token'] / 1e6:.1f} MB; bound: {bandwidth['bound_tokens_per_s']:.0f} tokens/s; "
+        f"single-stream ceiling decode reaches {bandwidth['single_stream_pct']:.0f}% of it.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(points: list[Point], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for system in dict.fromkeys(p.system for p in points):
+        mine = [p for p in points if p.system == system]
+        left.plot([p.concurrency for p in mine], [p.tokens_per_s for p in mine], marker="o", label=system)
+        right.plot([p.concurrency for p in mine], [p.ttft_p50 for p in mine], marker="o", label=system)
+    left.set(xlabel="concurrent clients", ylabel="aggregate output tokens/s", title="Throughput")
+    right.set(xlabel="concurrent clients", ylabel="time to first token p50 (s)", title="Latency", yscale="log")
+    left.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", default="bench", choices=["bench", "tiny"])
+    parser.add_argument("--concurrency", default="1,4,8,16")
+    parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--systems", default="ceiling,slmflow-serve,tutorial-mlflow,flavor-mlflow,transformers-mlflow")
+    parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--quick", action="store_true", help="concurrency 1,2, one repetition, 8 tokens")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.concurrency, args.repetitions, args.tokens = "1,2", 1, 8
+    levels = [int(c) for c in args.concurrency.split(",")]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    points: list[Point] = []
+    with tempfile.TemporaryDirectory(prefix="slmflow-bench-") as work:
+        models = prepare_models(args.size, args.tokens, Path(work))
+        for factory in systems(models, args.tokens, set(args.systems.split(","))):
+            system = factory()
+            try:
+                system.run(1)  # warm-up
+                for level in levels:
+                    runs = [system.run(level) for _ in range(args.repetitions)]
+                    points.append(summarize(system.name, level, runs, system.rss_mb()))
+                    print(f"{system.name} x{level}: {points[-1].tokens_per_s:.1f} tokens/s", file=sys.stderr)
+            finally:
+                system.close()
+        bytes_per_token = weight_bytes_per_token(models["onnx"])
+    add_ratios(points)
+    gbs = memory_bandwidth_gbs()
+    single = next((p.tokens_per_s for p in points if p.system == "ceiling" and p.concurrency == 1), 0.0)
+    bound = gbs * 1e9 / bytes_per_token
+    bandwidth = {"gbs": gbs, "bytes_per_token": bytes_per_token, "bound_tokens_per_s": bound, "single_stream_pct": 100 * single / bound}
+    machine = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": len(os.sched_getaffinity(0)),
+        "model": f"{args.size} fixture, ONNX int4",
+        "tokens": args.tokens,
+        "repetitions": args.repetitions,
+    }
+    report = {"machine": machine, "bandwidth": bandwidth, "points": [asdict(p) for p in points]}
+    (out / "serving.md").write_text(markdown(points, machine, bandwidth))
+    (out / "serving.json").write_text(json.dumps(report, indent=2))
+    plot(points, out / "serving.png")
+    log_to_mlflow(out, machine, args)
+    return report
+
+
+def log_to_mlflow(out: Path, machine: dict, args: argparse.Namespace) -> None:
+    import mlflow
+    import onnxruntime_genai
+
+    import slmflow
+
+    with mlflow.start_run(run_name="bench-serving"):
+        mlflow.log_params({**machine, "concurrency": args.concurrency, "systems": args.systems})
+        mlflow.log_params({"mlflow": mlflow.__version__, "onnxruntime_genai": onnxruntime_genai.__version__, "slmflow": slmflow.__version__})
+        for name in ("serving.md", "serving.json", "serving.png"):
+            mlflow.log_artifact(str(out / name))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    main()
