@@ -168,11 +168,12 @@ def demo(as_json: bool) -> None:
 
 
 def _register_commands() -> None:
+    from slmflow.cli.batch import batch
     from slmflow.cli.bench import bench
     from slmflow.cli.evaluate import compare, eval_command, promote
     from slmflow.cli.serve import chat, serve
 
-    for command in (eval_command, promote, compare, serve, chat, bench):
+    for command in (eval_command, promote, compare, serve, chat, bench, batch):
         main.add_command(command)
 
 
