@@ -201,6 +201,8 @@ def stream_chat(tokens: int) -> Callable[[str], Timing]:
                     count = chunk["usage"]["completion_tokens"]
                 if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                     times.append(time.perf_counter())
+        if not times:
+            raise RuntimeError(f"a stream from {url} carried no text")
         return Timing(start, times, count)
 
     return request

@@ -139,10 +139,22 @@ def _build_into(folder: Path, spec: FixtureSpec, progress: Progress | None) -> N
     model = _new_model(spec, tokenizer)
     if spec.train_steps:
         _train(model, tokenizer, spec, progress)
+    else:
+        _favour_known_tokens(model, len(tokenizer))
     model.eval()
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
+
+
+def _favour_known_tokens(model, known: int) -> None:
+    """Make a random model emit ids its tokenizer can decode: a realistic 32064-row vocabulary
+    with a small local tokenizer would otherwise stream mostly empty text."""
+    import torch
+
+    with torch.no_grad():
+        model.lm_head.weight[known:] = 0.0
+        model.lm_head.weight[:known] *= 10.0
 
 
 def _corpus() -> list[str]:
