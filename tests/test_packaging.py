@@ -130,7 +130,10 @@ def test_a_failed_conversion_marks_the_run_failed_and_registers_nothing(tiny_che
     broken = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, broken)
     weights = broken / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])  # truncated weights
+    # Complete, but with a dtype nothing can read: it passes the pre-run weight check, fails the builder.
+    # (A truncated file is now refused before any run starts: tests/reliability/test_packaging_faults.py.)
+    data = weights.read_bytes()
+    weights.write_bytes(data.replace(b'"dtype":"F32"', b'"dtype":"Q99"', 1))
     run = invoke("package", str(broken), "--name", "tiny-broken", "--alias", "champion")
     assert_one_line_error(run, "model builder failed")
     failed = mlflow.search_runs(search_all_experiments=True, filter_string="params.source = '%s'" % broken, output_format="list")

@@ -6,6 +6,9 @@ FAILED, and the model is registered only once it is fully logged and loads back.
 
 from __future__ import annotations
 
+import json
+import logging
+import socket
 import tempfile
 import time
 from collections.abc import Callable
@@ -20,6 +23,9 @@ from slmflow.onnx_genai.schema import CHAT_EXAMPLE, TASKS
 
 ROUTES = ("onnx", "transformers")
 Progress = Callable[[str, int, int], None]
+# host:pid:start time of the process running a package run: tells an interrupted run from a live one.
+PROCESS_TAG = "slmflow.package.process"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -73,7 +79,9 @@ def package(spec: PackageSpec, progress: Progress | None = None) -> PackageResul
     checkpoint = resolve(spec.source)
     if spec.route == "transformers" and checkpoint.kind != "hf":
         raise SlmflowError("the transformers route needs a Hugging Face checkpoint, not an ONNX Runtime GenAI folder")
-    with mlflow.start_run(run_name=f"package-{spec.route}") as run:
+    check_weights(checkpoint)  # a missing or truncated weight file is named before any run starts
+    with mlflow.start_run(run_name=f"package-{spec.route}", tags={PROCESS_TAG: _this_process()}) as run:
+        end_interrupted_runs(run.info.experiment_id, run.info.run_id)
         mlflow.log_params(_params(spec, checkpoint))
         metrics: dict[str, float] = {}
         with tempfile.TemporaryDirectory(prefix="slmflow-package-") as work:
@@ -88,6 +96,106 @@ def package(spec: PackageSpec, progress: Progress | None = None) -> PackageResul
             _say(progress, f"registering {spec.name}")
             version = registry.register(model_uri, spec.name, spec.alias, tags={"route": spec.route})
         return PackageResult(run.info.run_id, model_uri, spec.name, version, metrics)
+
+
+def _this_process() -> str:
+    import os
+
+    import psutil
+
+    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.2f}"
+
+
+def _process_alive(tag: str) -> bool:
+    """True unless the process `tag` names ran on this host and is gone (or its pid was reused)."""
+    import psutil
+
+    host, _, rest = tag.partition(":")
+    pid, _, started = rest.partition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return True  # another machine's run: cannot tell, leave it
+    try:
+        return f"{psutil.Process(int(pid)).create_time():.2f}" == started
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True
+
+
+def end_interrupted_runs(experiment_id: str, current_run_id: str) -> list[str]:
+    """Mark KILLED, and report, the package runs of this host still RUNNING though their process died.
+
+    A `slmflow package` killed midway (SIGKILL, OOM, power) cannot end its own run; the next one
+    says so and ends it. Nothing else changes: such a run never registered a version (registration
+    is its last step), and what it logged stays for inspection.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient()
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`{PROCESS_TAG}` != ''", max_results=200
+    )
+    ended = []
+    for stale in runs:
+        if stale.info.run_id == current_run_id or _process_alive(stale.data.tags.get(PROCESS_TAG, "")):
+            continue
+        client.set_terminated(stale.info.run_id, status="KILLED")
+        ended.append(stale.info.run_id)
+        log.warning(
+            "run %s (%s) was interrupted before it finished: its process is gone; marked KILLED, nothing was registered",
+            stale.info.run_id,
+            stale.info.run_name,
+        )
+    return ended
+
+
+def check_weights(checkpoint: Checkpoint) -> None:
+    """Raise SlmflowError naming a missing or truncated weight file of `checkpoint`.
+
+    ONNX Runtime GenAI folders: every ONNX file and external weight file, sized against what the
+    graph reads. Hugging Face checkpoints: every safetensors file (or shard the index names), sized
+    against the tensors its header lists.
+    """
+    from slmflow.onnx_genai import check_model_folder
+
+    if checkpoint.kind != "hf":
+        check_model_folder(checkpoint.path)
+        return
+    folder = checkpoint.path
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, AttributeError) as e:
+            raise SlmflowError(f"the checkpoint in {folder} is damaged: {index.name} cannot be read ({e})") from e
+    else:
+        files = sorted(f.name for f in folder.glob("*.safetensors"))
+        if not files and not any(folder.glob("*.bin")):
+            raise SlmflowError(f"the checkpoint in {folder} has no weights: no *.safetensors or *.bin file")
+    for name in files:
+        _check_safetensors(folder, name)
+
+
+def _check_safetensors(folder: Path, name: str) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the tensors' bytes."""
+    path = folder / name
+    if not path.is_file():
+        raise SlmflowError(f"the checkpoint in {folder} is incomplete: {name} is missing")
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            header_length = int.from_bytes(f.read(8), "little")
+            if size < 8 + header_length:
+                raise ValueError("shorter than its header")
+            header = json.loads(f.read(header_length))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
+        raise SlmflowError(f"the checkpoint in {folder} is damaged: {name} is not a readable safetensors file ({e}); truncated?") from e
+    if size < 8 + header_length + end:
+        raise SlmflowError(
+            f"the checkpoint in {folder} is incomplete: {name} has {size:,} bytes, its tensors need "
+            f"{8 + header_length + end:,}; the file is truncated"
+        )
 
 
 def _params(spec: PackageSpec, checkpoint: Checkpoint) -> dict[str, Any]:

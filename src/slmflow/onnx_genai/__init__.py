@@ -12,6 +12,7 @@ Tasks:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -210,6 +211,7 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None):
     from slmflow.generation.engine import EngineOptions, GenerationEngine
     from slmflow.onnx_genai.pyfunc import OnnxGenAIPyfunc
 
+    check_model_folder(path)  # a truncated or missing weight file, named (SlmflowError)
     config = dict(model_config or {})
     task = config.pop("task", "chat")
     options = {key: config.pop(key) for key in ENGINE_OPTIONS if key in config}
@@ -221,10 +223,79 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None):
 def _check_model_folder(source: Path) -> None:
     from mlflow.exceptions import MlflowException
 
-    if not (source / "genai_config.json").is_file():
-        raise MlflowException.invalid_parameter_value(
-            f"{source} is not an ONNX Runtime GenAI model folder (no genai_config.json)"
-        )
+    from slmflow.errors import SlmflowError
+
+    try:
+        check_model_folder(source)
+    except SlmflowError as e:
+        raise MlflowException.invalid_parameter_value(str(e)) from e
+
+
+def check_model_folder(folder: str | os.PathLike) -> None:
+    """Raise SlmflowError unless `folder` is an ONNX Runtime GenAI folder with all its weights.
+
+    Every ONNX file genai_config.json names must be there and parse, and every external weight file
+    they reference must exist inside the folder and be long enough for the tensors read from it:
+    a missing or truncated `model.onnx.data` is named as such, before anything is logged or loaded.
+    """
+    from slmflow.errors import SlmflowError
+
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "genai_config.json").read_text())
+    except FileNotFoundError:
+        raise SlmflowError(f"{folder} is not an ONNX Runtime GenAI model folder (no genai_config.json)") from None
+    except (OSError, ValueError) as e:
+        raise SlmflowError(f"{folder}/genai_config.json cannot be read: {e}") from e
+    for name in _onnx_files(config.get("model") if isinstance(config, dict) else None):
+        _check_onnx_file(folder, name)
+
+
+def _onnx_files(node: Any) -> list[str]:
+    """Every `filename` in genai_config.json's model section (decoder, embedding, vision, ...)."""
+    if isinstance(node, dict):
+        found = [node["filename"]] if isinstance(node.get("filename"), str) else []
+        return found + [name for value in node.values() for name in _onnx_files(value)]
+    if isinstance(node, list):
+        return [name for value in node for name in _onnx_files(value)]
+    return []
+
+
+def _check_onnx_file(folder: Path, name: str) -> None:
+    from slmflow.errors import SlmflowError
+
+    path = folder / name
+    if not path.is_file():
+        raise SlmflowError(f"the model in {folder} is incomplete: {name} is missing")
+    try:
+        import onnx
+    except ImportError:  # a serving environment without onnx: ONNX Runtime still refuses a short file
+        return
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise SlmflowError(f"the model in {folder} is damaged: {name} does not parse ({e}); truncated?") from e
+    needed: dict[str, int] = {}
+    for tensor in proto.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        end = int(info.get("offset") or 0) + int(info.get("length") or 0)
+        needed[location] = max(needed.get(location, 0), end)
+    root = folder.resolve()
+    for location, end in sorted(needed.items()):
+        data = (path.parent / location).resolve()
+        if not data.is_relative_to(root):
+            raise SlmflowError(f"{name} in {folder} reads weights from outside its folder ({location!r})")
+        if not data.is_file():
+            raise SlmflowError(f"the model in {folder} is incomplete: {location} (weights of {name}) is missing")
+        size = data.stat().st_size
+        if size < end:
+            raise SlmflowError(
+                f"the model in {folder} is incomplete: {location} has {size:,} bytes, but {name} reads "
+                f"{end:,}; the file is truncated"
+            )
 
 
 def _check_defaults(defaults: dict[str, Any]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from slmflow.errors import InvalidRequest, SlmflowError
 from slmflow.generation.engine import GenerationEngine, TokenStream
 from slmflow.generation.openai import chat_chunk, chat_completion, new_id
 from slmflow.generation.params import SamplingParams
+from slmflow.onnx_genai.checks import check_request
 
 _MAX_N = 16
 
@@ -82,10 +83,12 @@ class OnnxGenAIPyfunc:
         if self.task == "chat":
             if "messages" not in row:
                 raise InvalidRequest("each input row needs 'messages'", param="messages")
-            return self.engine.render_chat(row["messages"]), sampling, n
-        prompt = row.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            raise InvalidRequest("each input row needs a non-empty string 'prompt'", param="prompt")
+            prompt, prompt_param = self.engine.render_chat(row["messages"]), "messages"
+        else:
+            prompt, prompt_param = row.get("prompt"), "prompt"
+            if not isinstance(prompt, str) or not prompt:
+                raise InvalidRequest("each input row needs a non-empty string 'prompt'", param="prompt")
+        check_request(self.engine, prompt, prompt_param, sampling, n)  # what the runtime cannot run is a 400
         return prompt, sampling, n
 
 

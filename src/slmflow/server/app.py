@@ -47,10 +47,21 @@ def create_app(settings: ServerSettings | None = None, backend: Backend | None =
             if backend is None:
                 served.close()
 
-    app = FastAPI(title="slmflow", lifespan=lifespan)
+    # With an API key only /health and /ping are open: the schema needs the key, and the docs pages
+    # (which cannot send it) are off.
+    locked = settings.api_key is not None
+    app = FastAPI(
+        title="slmflow",
+        lifespan=lifespan,
+        openapi_url=None if locked else "/openapi.json",
+        docs_url=None if locked else "/docs",
+        redoc_url=None if locked else "/redoc",
+    )
     errors.install(app)
     app.include_router(routes.open_routes)
     app.include_router(routes.api)
+    if locked:
+        app.include_router(routes.keyed_schema)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestLog)  # outermost: it sees every answer, 413s included
     return app

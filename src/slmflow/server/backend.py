@@ -72,10 +72,10 @@ class OnnxBackend:
         self.defaults = SamplingParams.from_mapping(defaults)
 
     def chat(self, messages: Any, params: SamplingParams, n: int) -> list[Generation]:
-        return self._submit(self.engine.render_chat(messages), params, n)
+        return self._submit(self.engine.render_chat(messages), "messages", params, n)
 
     def complete(self, prompt: str, params: SamplingParams, n: int) -> list[Generation]:
-        return self._submit(prompt, params, n)
+        return self._submit(prompt, "prompt", params, n)
 
     def invoke(self, body: bytes, content_type: str) -> InvocationsResponse:
         return _invoke(self.model, body, content_type)
@@ -86,17 +86,23 @@ class OnnxBackend:
     def close(self) -> None:
         self.engine.close()
 
-    def _submit(self, prompt: str, params: SamplingParams, n: int) -> list[Generation]:
+    def _submit(self, prompt: str, prompt_param: str, params: SamplingParams, n: int) -> list[Generation]:
         """Submit the n choices together, so they can share a batch; all or none are queued."""
-        prompt_ids = self.engine.encode(prompt)
+        from slmflow.onnx_genai.checks import check_request
+
         params = params.merged_over(self.defaults)
+        check_request(self.engine, prompt, prompt_param, params, n)  # what the runtime cannot run is a 400
+        prompt_ids = self.engine.encode(prompt)
         streams: list[Generation] = []
         try:
             for index in range(n):
                 streams.append(self.engine.submit(prompt_ids, params.for_choice(index)))
-        except SlmflowError:
+        except SlmflowError as e:
             for stream in streams:
                 stream.cancel()
+            if isinstance(e, InvalidRequest) and e.param == "messages" and prompt_param != "messages":
+                # The engine names the prompt "messages"; a text completion's prompt is "prompt".
+                raise InvalidRequest(str(e), param=prompt_param, code=e.code) from e
             raise
         return streams
 

@@ -27,7 +27,14 @@ from slmflow.generation.params import SamplingParams
 from slmflow.server.backend import Backend, Generation
 from slmflow.server.errors import ApiError, as_api_error, client_gone, unauthorized
 from slmflow.server.metrics import Metrics
-from slmflow.server.schemas import ChatCompletionRequest, CompletionRequest, OpenAIRequest
+from slmflow.server.schemas import (
+    ERROR_RESPONSES,
+    INVOCATIONS_BODY,
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIRequest,
+    sampling_params,
+)
 from slmflow.server.settings import ServerSettings
 from slmflow.server.streaming import DONE, EventStream, Relay, sse
 
@@ -60,8 +67,21 @@ def require_api_key(request: Request) -> None:
         raise unauthorized()
 
 
-open_routes = APIRouter()
-api = APIRouter(dependencies=[Depends(require_api_key)])
+open_routes = APIRouter(responses=ERROR_RESPONSES)
+api = APIRouter(dependencies=[Depends(require_api_key)], responses=ERROR_RESPONSES)
+# With an API key, the OpenAPI schema needs it too (create_app turns FastAPI's open one off).
+keyed_schema = APIRouter(dependencies=[Depends(require_api_key)], include_in_schema=False)
+
+
+@keyed_schema.get("/openapi.json")
+async def openapi(request: Request) -> JSONResponse:
+    return JSONResponse(request.app.openapi())
+
+
+# A completion is JSON, or Server-Sent Events with `stream`.
+COMPLETION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/json": {}, "text/event-stream": {}}}
+}
 
 
 @open_routes.get("/health")
@@ -77,28 +97,31 @@ async def models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": [model]}
 
 
-@api.get("/metrics")
+@api.get("/metrics", responses={200: {"content": {"text/plain": {}}}})
 async def metrics(request: Request) -> Response:
     from prometheus_client import CONTENT_TYPE_LATEST
 
     return Response(server(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@api.post("/v1/chat/completions")
+@api.post("/v1/chat/completions", responses=COMPLETION_RESPONSES)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     return await _complete(
         request, body, CHAT, lambda backend, params: backend.chat(body.messages, params, body.choices)
     )
 
 
-@api.post("/v1/completions")
+@api.post("/v1/completions", responses=COMPLETION_RESPONSES)
 async def completions(body: CompletionRequest, request: Request) -> Response:
     return await _complete(
         request, body, TEXT, lambda backend, params: backend.complete(body.prompt, params, body.choices)
     )
 
 
-@api.post("/invocations")
+@api.post(
+    "/invocations",
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": INVOCATIONS_BODY}}}},
+)
 async def invocations(request: Request) -> Response:
     """MLflow's scoring protocol, answered by MLflow's own code so its clients see no difference."""
     body = await request.body()
@@ -159,7 +182,7 @@ async def _complete(
 ) -> Response:
     state = server(request)
     started = asyncio.get_running_loop().time()
-    params = SamplingParams.from_mapping(body.model_dump())
+    params = sampling_params(body.model_dump())
     # Rendering and tokenizing a long prompt takes a while: not on the event loop.
     generations = await run_in_threadpool(start, state.backend, params)
     relay = Relay(generations, started=started, timeout=state.settings.request_timeout)
