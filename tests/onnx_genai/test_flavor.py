@@ -164,3 +164,20 @@ def test_save_refuses_a_non_empty_target(onnx_int4: Path, tmp_path: Path) -> Non
     with pytest.raises(MlflowException, match="already exists"):
         onnx_genai.save_model(onnx_int4, tmp_path / "out")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+def test_more_rows_than_the_queue_holds_are_all_answered(chat_model_path: Path) -> None:
+    model = mlflow.pyfunc.load_model(str(chat_model_path), model_config={"max_queue": 4})
+    frame = pd.DataFrame({"messages": [[{"role": "user", "content": "What is the capital of Peru?"}]] * 9})
+    answers = [r["choices"][0]["message"]["content"] for r in model.predict(frame)]
+    assert answers == ["The capital of Peru is Lima."] * 9
+
+
+def test_a_dropped_model_stops_its_engine(chat_model_path: Path) -> None:
+    import gc
+
+    model = mlflow.pyfunc.load_model(str(chat_model_path))
+    engine = model.get_raw_model()
+    del model
+    gc.collect()
+    assert not engine._thread.is_alive()

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +218,11 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None):
     options = {key: config.pop(key) for key in ENGINE_OPTIONS if key in config}
     # 0 threads: every core this process may use (the engine's own default).
     options["intra_op_threads"] = options.get("intra_op_threads") or None
-    return OnnxGenAIPyfunc(GenerationEngine(path, EngineOptions(**options)), task=task, defaults=config)
+    pyfunc = OnnxGenAIPyfunc(GenerationEngine(path, EngineOptions(**options)), task=task, defaults=config)
+    # The engine's owner thread keeps the engine alive: close it once MLflow drops the model, or
+    # every reload (spark_udf loads the model in each task in local mode) keeps one more in memory.
+    weakref.finalize(pyfunc, pyfunc.engine.close)
+    return pyfunc
 
 
 def _check_model_folder(source: Path) -> None:

@@ -10,11 +10,12 @@ from typing import Any
 
 from slmflow.errors import InvalidRequest, SlmflowError
 from slmflow.generation.engine import GenerationEngine, TokenStream
-from slmflow.generation.openai import chat_chunk, chat_completion, new_id
+from slmflow.generation.openai import Completion, chat_chunk, chat_completion, new_id
 from slmflow.generation.params import SamplingParams
 from slmflow.onnx_genai.checks import check_request
 
 _MAX_N = 16
+_RowRequest = tuple[str, SamplingParams, int]  # prompt text, sampling params, n
 
 
 class OnnxGenAIPyfunc:
@@ -28,23 +29,32 @@ class OnnxGenAIPyfunc:
         self.defaults = defaults
 
     def get_raw_model(self) -> GenerationEngine:
+        """The engine; it is closed when this model is garbage-collected, so keep the model too."""
         return self.engine
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> list[Any]:
         with _as_mlflow_errors():
             requests = [self._request(row, params) for row in _rows(model_input)]
-            streams: list[list[TokenStream]] = []
-            try:
-                for prompt, sampling, n in requests:
-                    streams.append([self.engine.submit(prompt, sampling.for_choice(i)) for i in range(n)])
-            except SlmflowError:
-                for stream in (s for group in streams for s in group):
-                    stream.cancel()
-                raise
-            results = [[s.result() for s in group] for group in streams]
+            results: list[list[Completion]] = []
+            # A call may hold more rows than the engine's queue takes (spark_udf hands over up to
+            # 10,000): submit them in waves that fit, or the rest would be refused as Overloaded.
+            for wave in _waves(requests, self.engine.options.max_queue):
+                results += self._run(wave)
         if self.task == "chat":
             return [chat_completion(group, model=self.model_name) for group in results]
         return [group[0].text for group in results]
+
+    def _run(self, requests: list[_RowRequest]) -> list[list[Completion]]:
+        """Submit every request before waiting for any, so the engine batches them together."""
+        streams: list[list[TokenStream]] = []
+        try:
+            for prompt, sampling, n in requests:
+                streams.append([self.engine.submit(prompt, sampling.for_choice(i)) for i in range(n)])
+        except SlmflowError:
+            for stream in (s for group in streams for s in group):
+                stream.cancel()
+            raise
+        return [[s.result() for s in group] for group in streams]
 
     def predict_stream(self, model_input: Any, params: dict[str, Any] | None = None) -> Iterator[Any]:
         """Chat: `chat.completion.chunk` dicts; prompt: text pieces. One input row."""
@@ -90,6 +100,18 @@ class OnnxGenAIPyfunc:
                 raise InvalidRequest("each input row needs a non-empty string 'prompt'", param="prompt")
         check_request(self.engine, prompt, prompt_param, sampling, n)  # what the runtime cannot run is a 400
         return prompt, sampling, n
+
+
+def _waves(requests: list[_RowRequest], size: int) -> Iterator[list[_RowRequest]]:
+    """Consecutive runs of requests whose completions (n each) number at most `size`."""
+    wave: list[_RowRequest] = []
+    for request in requests:
+        if wave and sum(n for _, _, n in wave) + request[2] > size:
+            yield wave
+            wave = []
+        wave.append(request)
+    if wave:
+        yield wave
 
 
 def _rows(model_input: Any) -> list[dict[str, Any]]:
