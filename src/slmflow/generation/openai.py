@@ -59,7 +59,7 @@ def chat_completion(completions: list[Completion], *, model: str, id: str | None
             }
             for index, c in enumerate(completions)
         ],
-        "usage": _total_usage(completions).as_dict(),
+        "usage": total_usage(completions).as_dict(),
     }
 
 
@@ -74,7 +74,7 @@ def text_completion(completions: list[Completion], *, model: str, id: str | None
             {"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
             for index, c in enumerate(completions)
         ],
-        "usage": _total_usage(completions).as_dict(),
+        "usage": total_usage(completions).as_dict(),
     }
 
 
@@ -109,7 +109,32 @@ def chat_chunk(
     return chunk
 
 
-def _total_usage(completions: list[Completion]) -> Usage:
+def total_usage(completions: list[Completion]) -> Usage:
     # n choices share one prompt: OpenAI counts its tokens once.
     prompt = completions[0].usage.prompt_tokens if completions else 0
     return Usage(prompt, sum(c.usage.completion_tokens for c in completions))
+
+
+def text_chunk(
+    *,
+    id: str,
+    model: str,
+    created: int,
+    index: int = 0,
+    content: str | None = None,
+    finish_reason: FinishReason | None = None,
+    usage: Usage | None = None,
+    with_choice: bool = True,
+) -> dict[str, Any]:
+    """A streamed `text_completion` object (`/v1/completions` with `stream`)."""
+    choice = {"index": index, "text": content or "", "finish_reason": finish_reason, "logprobs": None}
+    chunk: dict[str, Any] = {
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [choice] if with_choice else [],
+    }
+    if usage is not None:
+        chunk["usage"] = usage.as_dict()
+    return chunk

@@ -16,12 +16,12 @@ from starlette.concurrency import run_in_threadpool
 
 from slmflow.generation.openai import (
     Completion,
-    FinishReason,
-    Usage,
     chat_chunk,
     chat_completion,
     new_id,
+    text_chunk,
     text_completion,
+    total_usage,
 )
 from slmflow.generation.params import SamplingParams
 from slmflow.server.backend import Backend, Generation
@@ -145,33 +145,8 @@ class _Kind:
     announces_role: bool  # chat streams open each choice with {"role": "assistant"}
 
 
-def _text_chunk(
-    *,
-    id: str,
-    model: str,
-    created: int,
-    index: int = 0,
-    content: str | None = None,
-    finish_reason: FinishReason | None = None,
-    usage: Usage | None = None,
-    with_choice: bool = True,
-) -> dict[str, Any]:
-    """A streamed `text_completion` object (`/v1/completions` with `stream`)."""
-    choice = {"index": index, "text": content or "", "finish_reason": finish_reason, "logprobs": None}
-    chunk: dict[str, Any] = {
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [choice] if with_choice else [],
-    }
-    if usage is not None:
-        chunk["usage"] = usage.as_dict()
-    return chunk
-
-
 CHAT = _Kind("chatcmpl", chat_completion, chat_chunk, announces_role=True)
-TEXT = _Kind("cmpl", text_completion, _text_chunk, announces_role=False)
+TEXT = _Kind("cmpl", text_completion, text_chunk, announces_role=False)
 
 
 async def _complete(
@@ -224,7 +199,7 @@ async def _events(request: Request, relay: Relay, kind: _Kind, *, include_usage:
     completions = [finished[index] for index in range(len(finished))]
     _answered(request, completions, relay.first_token_seconds)
     if include_usage:
-        yield sse(kind.chunk(**common, usage=_total_usage(completions), with_choice=False))
+        yield sse(kind.chunk(**common, usage=total_usage(completions), with_choice=False))
     yield DONE
 
 
@@ -251,13 +226,7 @@ async def _disconnected(request: Request) -> None:
 
 def _answered(request: Request, completions: list[Completion], first_token_seconds: float | None) -> None:
     """Count a finished request in the metrics and its log line."""
-    usage = _total_usage(completions)
+    usage = total_usage(completions)
     server(request).metrics.answered(usage, first_token_seconds)
     request.state.usage = usage
     request.state.first_token_seconds = first_token_seconds
-
-
-def _total_usage(completions: list[Completion]) -> Usage:
-    # n choices share one prompt: OpenAI counts its tokens once.
-    prompt = completions[0].usage.prompt_tokens if completions else 0
-    return Usage(prompt, sum(c.usage.completion_tokens for c in completions))
