@@ -48,7 +48,9 @@ def relay_threads() -> int:
 
 @pytest.fixture(scope="module")
 def impatient_server(onnx_model_path: Path) -> Iterator[LiveServer]:
-    yield from serve(ServerSettings(model_uri=str(onnx_model_path), max_batch_size=1, request_timeout=0.25))
+    # Short enough that two timed-out generations stay under LONG tokens even on a fast, idle
+    # machine (the tiny model decodes a few thousand tokens per second).
+    yield from serve(ServerSettings(model_uri=str(onnx_model_path), max_batch_size=1, request_timeout=0.1))
 
 
 def test_engine_limits_reach_the_model(narrow_server: LiveServer) -> None:
