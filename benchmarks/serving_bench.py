@@ -7,8 +7,10 @@ Systems, all on the same ONNX int4 weights (the transformers route on the same w
   flavor-mlflow      our onnx_genai flavor under `mlflow models serve`
   transformers-mlflow  MLflow's transformers flavor under `mlflow models serve`
 
-Every request asks for the same prompt length and exactly `--tokens` new tokens (min = max), each
-concurrency level runs `--repetitions` times, and medians are reported.
+Every request sends the same chat prompt (the ceiling gets the same tokens) and asks for exactly
+`--tokens` new tokens (min = max). All systems run side by side: at each concurrency level, one
+untimed warm-up round, then `--repetitions` rounds that take the systems in turn; medians are
+reported. Clients are asyncio + aiohttp with their connections opened before the clock starts.
 
     python benchmarks/serving_bench.py                    # the full run on the bench fixture
     python benchmarks/serving_bench.py --size tiny --quick   # a smoke run in seconds
@@ -17,6 +19,7 @@ concurrency level runs `--repetitions` times, and medians are reported.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import platform
@@ -27,10 +30,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    import aiohttp
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
@@ -51,7 +57,18 @@ class Timing:
 
     @property
     def itls(self) -> list[float]:
+        """Gaps between streamed chunks (a chunk carries the tokens generated since the last one)."""
         return [b - a for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
+
+    @property
+    def tpot(self) -> float | None:
+        """Time per output token after the first; None when the answer arrived in one piece."""
+        if len(self.token_times) < 2 or self.tokens < 2:
+            return None
+        return (self.token_times[-1] - self.token_times[0]) / (self.tokens - 1)
+
+
+Request = Callable[["aiohttp.ClientSession"], Awaitable[Timing]]
 
 
 @dataclass
@@ -63,6 +80,7 @@ class Point:
     ttft_p95: float
     itl_p50: float | None
     itl_p95: float | None
+    tpot_p50: float | None
     peak_rss_mb: float
     ratios: dict[str, float] = field(default_factory=dict)
 
@@ -77,6 +95,7 @@ def summarize(system: str, concurrency: int, runs: list[tuple[float, list[Timing
     throughput = statistics.median(sum(t.tokens for t in timings) / wall for wall, timings in runs)
     timings = [t for _, ts in runs for t in ts]
     itls = [i for t in timings for i in t.itls]
+    tpots = [t.tpot for t in timings if t.tpot is not None]
     return Point(
         system,
         concurrency,
@@ -85,11 +104,22 @@ def summarize(system: str, concurrency: int, runs: list[tuple[float, list[Timing
         percentile([t.ttft for t in timings], 0.95),
         percentile(itls, 0.5) if itls else None,
         percentile(itls, 0.95) if itls else None,
+        percentile(tpots, 0.5) if tpots else None,
         rss,
     )
 
 
 # --- systems ---------------------------------------------------------------------------------
+
+
+class System(Protocol):
+    name: str
+
+    def run(self, concurrency: int) -> tuple[float, list[Timing]]: ...
+
+    def rss_mb(self) -> float: ...
+
+    def close(self) -> None: ...
 
 
 class Ceiling:
@@ -105,7 +135,8 @@ class Ceiling:
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
         self.og, self.tokens = og, tokens
         self.model = og.Model(config)
-        self.prompt = og.Tokenizer(self.model).encode(PROMPT)
+        # The very tokens the servers see: the chat template applied to the prompt.
+        self.prompt = og.Tokenizer(self.model).encode(chat_prompt(onnx_dir))
 
     def run(self, concurrency: int) -> tuple[float, list[Timing]]:
         import numpy as np
@@ -133,9 +164,9 @@ class Ceiling:
 
 
 class HttpSystem:
-    """A server in a child process, driven by `concurrency` client threads, one request each."""
+    """A server in a child process, driven by `concurrency` concurrent clients, one request each."""
 
-    def __init__(self, name: str, command: list[str], request: Callable[[str], Timing], ready_path: str) -> None:
+    def __init__(self, name: str, command: list[str], request: Request, ready_path: str) -> None:
         self.name, self.request = name, request
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -146,13 +177,30 @@ class HttpSystem:
         self.peak_rss = 0.0
         self._sampling = True
         threading.Thread(target=self._sample_rss, daemon=True).start()
+        self.ready_path = ready_path
         wait_ready(self.process, self.url + ready_path, Path(self.log.name))
 
     def run(self, concurrency: int) -> tuple[float, list[Timing]]:
-        with ThreadPoolExecutor(concurrency) as pool:
+        return asyncio.run(self._run(concurrency))
+
+    async def _run(self, concurrency: int) -> tuple[float, list[Timing]]:
+        """All clients on one event loop with aiohttp (as vLLM's serving benchmark does): the client's
+        own CPU use, which competes with the server on a small machine, stays small."""
+        import aiohttp
+
+        timeout = aiohttp.ClientTimeout(total=600)
+        connector = aiohttp.TCPConnector(limit=concurrency)
+        async with aiohttp.ClientSession(self.url, timeout=timeout, connector=connector) as session:
+            # Like long-lived clients, keep a connection open per client: connecting is not timed.
+            await asyncio.gather(*(self._ping(session) for _ in range(concurrency)))
             start = time.perf_counter()
-            timings = list(pool.map(lambda _: self.request(self.url), range(concurrency)))
+            timings = await asyncio.gather(*(self.request(session) for _ in range(concurrency)))
         return max(t.token_times[-1] for t in timings) - start, timings
+
+    async def _ping(self, session: aiohttp.ClientSession) -> None:
+        async with session.get(self.ready_path) as response:
+            response.raise_for_status()
+            await response.read()
 
     def rss_mb(self) -> float:
         return self.peak_rss
@@ -175,25 +223,24 @@ class HttpSystem:
         self.process.wait(timeout=60)
 
 
-def stream_chat(tokens: int) -> Callable[[str], Timing]:
+def stream_chat(tokens: int) -> Request:
     """An OpenAI streaming chat request; each content chunk is timed."""
+    body = {
+        "model": "bench",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": tokens,
+        "min_tokens": tokens,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
-    def request(url: str) -> Timing:
-        import httpx
-
-        body = {
-            "model": "bench",
-            "messages": [{"role": "user", "content": PROMPT}],
-            "max_tokens": tokens,
-            "min_tokens": tokens,
-            "temperature": 0,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
+    async def request(session: aiohttp.ClientSession) -> Timing:
         start, times, count = time.perf_counter(), [], 0
-        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=600) as response:
+        async with session.post("/v1/chat/completions", json=body) as response:
             response.raise_for_status()
-            for line in response.iter_lines():
+            async for raw in response.content:
+                line = raw.decode().strip()
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[6:])
@@ -202,25 +249,31 @@ def stream_chat(tokens: int) -> Callable[[str], Timing]:
                 if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
                     times.append(time.perf_counter())
         if not times:
-            raise RuntimeError(f"a stream from {url} carried no text")
+            raise RuntimeError(f"a stream from {response.url} carried no text")
         return Timing(start, times, count)
 
     return request
 
 
-def invocations(body: dict, tokens: int, count_from_usage: bool) -> Callable[[str], Timing]:
+def chat_prompt(model_dir: Path) -> str:
+    from slmflow.generation.chat import ChatTemplate
+
+    template = ChatTemplate.from_model_dir(model_dir)
+    assert template is not None, f"{model_dir} has no chat template"
+    return template.render([{"role": "user", "content": PROMPT}])
+
+
+def invocations(body: dict, tokens: int, count_from_usage: bool) -> Request:
     """MLflow's /invocations: no streaming, so the whole answer arrives at once."""
 
-    def request(url: str) -> Timing:
-        import httpx
-
+    async def request(session: aiohttp.ClientSession) -> Timing:
         start = time.perf_counter()
-        response = httpx.post(f"{url}/invocations", json=body, timeout=600)
-        response.raise_for_status()
+        async with session.post("/invocations", json=body) as response:
+            response.raise_for_status()
+            payload = await response.json()
         done = time.perf_counter()
         count = tokens
         if count_from_usage:
-            payload = response.json()
             answer = payload[0] if isinstance(payload, list) else payload["predictions"][0]
             count = answer["usage"]["completion_tokens"]
         return Timing(start, [done], count)
@@ -260,9 +313,9 @@ def prepare_models(size: str, tokens: int, work: Path) -> dict[str, Path]:
     return {"checkpoint": checkpoint, "onnx": onnx_dir, **{k: work / k for k in ("flavor", "tutorial", "transformers")}}
 
 
-def systems(models: dict[str, Path], tokens: int, only: set[str]) -> Iterator[Callable[[], object]]:
+def systems(models: dict[str, Path], tokens: int, only: set[str]) -> Iterator[Callable[[], System]]:
     chat = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens, "min_tokens": tokens, "temperature": 0.0}
-    factories: dict[str, Callable[[], object]] = {
+    factories: dict[str, Callable[[], System]] = {
         "ceiling": lambda: Ceiling(models["onnx"], tokens),
         "slmflow-serve": lambda: HttpSystem(
             "slmflow-serve",
@@ -271,7 +324,7 @@ def systems(models: dict[str, Path], tokens: int, only: set[str]) -> Iterator[Ca
             "/health",
         ),
         "tutorial-mlflow": lambda: HttpSystem(
-            "tutorial-mlflow", mlflow_serve(str(models["tutorial"])), invocations({"prompt": f"<|user|>\n{PROMPT}<|end|>\n<|assistant|>\n"}, tokens, False), "/ping"
+            "tutorial-mlflow", mlflow_serve(str(models["tutorial"])), invocations({"prompt": chat_prompt(models["onnx"])}, tokens, False), "/ping"
         ),
         "flavor-mlflow": lambda: HttpSystem(
             "flavor-mlflow", mlflow_serve(str(models["flavor"])), invocations(chat, tokens, True), "/ping"
@@ -356,18 +409,22 @@ def markdown(points: list[Point], machine: dict, bandwidth: dict) -> str:
         f"Machine: {machine['cpu']}, {machine['cores']} cores; model: {machine['model']}; "
         f"{machine['tokens']} new tokens per request; medians of {machine['repetitions']} repetitions.",
         "",
-        "| system | clients | tokens/s | TTFT p50 (s) | TTFT p95 (s) | ITL p50 (ms) | ITL p95 (ms) | peak RSS (MB) | vs ceiling | vs tutorial |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| system | clients | tokens/s | TTFT p50 (s) | TTFT p95 (s) | ITL p50 (ms) | ITL p95 (ms) | TPOT p50 (ms) | peak RSS (MB) | vs ceiling | vs tutorial |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
         itl50 = f"{p.itl_p50 * 1000:.1f}" if p.itl_p50 is not None else "n/a"
         itl95 = f"{p.itl_p95 * 1000:.1f}" if p.itl_p95 is not None else "n/a"
+        tpot = f"{p.tpot_p50 * 1000:.1f}" if p.tpot_p50 is not None else "n/a"
         ratio = lambda key: f"{p.ratios[key]:.2f}x" if key in p.ratios else "-"  # noqa: E731
         lines.append(
             f"| {p.system} | {p.concurrency} | {p.tokens_per_s:.1f} | {p.ttft_p50:.3f} | {p.ttft_p95:.3f} | "
-            f"{itl50} | {itl95} | {p.peak_rss_mb:.0f} | {ratio('vs ceiling')} | {ratio('vs tutorial-mlflow')} |"
+            f"{itl50} | {itl95} | {tpot} | {p.peak_rss_mb:.0f} | {ratio('vs ceiling')} | {ratio('vs tutorial-mlflow')} |"
         )
     lines += [
+        "",
+        "ITL: the gaps between streamed chunks; a chunk carries every token generated since the previous "
+        "one. TPOT: time per output token after the first. n/a: the answer arrives in one piece.",
         "",
         f"Memory bandwidth (array copy): {bandwidth['gbs']:.1f} GB/s; weights read per decoded token: "
         f"{bandwidth['bytes_per_token'] / 1e6:.1f} MB; bound: {bandwidth['bound_tokens_per_s']:.0f} tokens/s; "
@@ -398,30 +455,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="bench", choices=["bench", "tiny"])
     parser.add_argument("--concurrency", default="1,4,8,16")
-    parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--systems", default="ceiling,slmflow-serve,tutorial-mlflow,flavor-mlflow,transformers-mlflow")
     parser.add_argument("--out", default=str(HERE / "results"))
-    parser.add_argument("--quick", action="store_true", help="concurrency 1,2, one repetition, 8 tokens")
+    parser.add_argument("--quick", action="store_true", help="concurrency 1,2, one repetition, 64 tokens")
     args = parser.parse_args(argv)
     if args.quick:
-        args.concurrency, args.repetitions, args.tokens = "1,2", 1, 8
+        args.concurrency, args.repetitions, args.tokens = "1,2", 1, 64
     levels = [int(c) for c in args.concurrency.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    points: list[Point] = []
     with tempfile.TemporaryDirectory(prefix="slmflow-bench-") as work:
         models = prepare_models(args.size, args.tokens, Path(work))
-        for factory in systems(models, args.tokens, set(args.systems.split(","))):
-            system = factory()
-            try:
-                system.run(1)  # warm-up
-                for level in levels:
-                    runs = [system.run(level) for _ in range(args.repetitions)]
-                    points.append(summarize(system.name, level, runs, system.rss_mb()))
-                    print(f"{system.name} x{level}: {points[-1].tokens_per_s:.1f} tokens/s", file=sys.stderr)
-            finally:
-                system.close()
+        points = measure(list(systems(models, args.tokens, set(args.systems.split(",")))), levels, args.repetitions)
         bytes_per_token = weight_bytes_per_token(models["onnx"])
     add_ratios(points)
     gbs = memory_bandwidth_gbs()
@@ -441,6 +488,30 @@ def main(argv: list[str] | None = None) -> dict:
     plot(points, out / "serving.png")
     log_to_mlflow(out, machine, args)
     return report
+
+
+def measure(factories: list[Callable[[], System]], levels: list[int], repetitions: int) -> list[Point]:
+    """Every system is up at once and each repetition runs them one after another, so the drift in
+    this machine's speed (on a shared VM, +-15% within seconds) touches every system alike."""
+    running: list[System] = []
+    try:
+        running = [factory() for factory in factories]
+        points = []
+        for level in levels:
+            runs: dict[str, list[tuple[float, list[Timing]]]] = {system.name: [] for system in running}
+            for system in running:
+                system.run(level)  # warm-up at this level, not timed
+            for _ in range(repetitions):
+                for system in running:
+                    runs[system.name].append(system.run(level))
+            for system in running:
+                points.append(summarize(system.name, level, runs[system.name], system.rss_mb()))
+                print(f"{system.name} x{level}: {points[-1].tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    finally:
+        for system in running:
+            system.close()
+    order = [system.name for system in running]
+    return sorted(points, key=lambda p: (order.index(p.system), p.concurrency))
 
 
 def log_to_mlflow(out: Path, machine: dict, args: argparse.Namespace) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -122,3 +124,41 @@ def test_token_logprobs_prefer_the_trained_answer(engine) -> None:
     assert len(right) == len(prompt) + len(engine.encode("The capital of Spain is Madrid.")) - 1
     assert all(lp <= 0 for lp in right)
     assert sum(right) > sum(wrong)
+
+
+def test_requests_that_keep_arriving_share_one_batch(onnx_int4) -> None:
+    from slmflow.generation.engine import EngineOptions, GenerationEngine
+
+    # Four requests 40 ms apart: 120 ms from first to last, each within 100 ms of the previous one.
+    engine = GenerationEngine(onnx_int4, EngineOptions(batch_wait_s=0.1, max_batch_wait_s=5.0))
+    try:
+        prompt = engine.render_chat(SPAIN)
+        streams = []
+        for _ in range(4):
+            streams.append(engine.submit(prompt, GREEDY))
+            time.sleep(0.04)
+        assert {s.result().text for s in streams} == {engine.generate(prompt, GREEDY).text}
+        assert engine.stats.batched_requests == 5 and engine.stats.batches == 2, "the four did not share a batch"
+
+        # A request after a longer pause than batch_wait_s does not hold the batch back.
+        first = engine.submit(prompt, GREEDY)
+        time.sleep(0.3)
+        second = engine.submit(prompt, GREEDY)
+        first.result(), second.result()
+        assert engine.stats.batches == 4
+    finally:
+        engine.close()
+
+
+def test_a_listener_is_woken_and_polling_yields_the_whole_answer(engine) -> None:
+    prompt = engine.render_chat(SPAIN)
+    expected = engine.generate(prompt, GREEDY)
+    woken = threading.Semaphore(0)
+    stream = engine.submit(prompt, GREEDY)
+    stream.listen(woken.release)  # may be set after the first events: those must be announced too
+    pieces = []
+    while stream.completion is None:
+        assert woken.acquire(timeout=30), "no wake-up while the answer was unfinished"
+        pieces.append(stream.poll())
+    assert "".join(pieces) == expected.text
+    assert stream.completion == expected

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
@@ -51,10 +52,20 @@ def test_stream_equals_the_whole_answer_and_ends_with_usage(client) -> None:
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == MADRID
-    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3, "not streamed token by token"
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
     assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
     assert len({c.id for c in chunks}) == 1
+
+
+def test_a_long_answer_streams_in_pieces_while_it_is_generated(client) -> None:
+    # Tokens generated while the server is busy travel together, so a short answer from the tiny
+    # model (thousands of tokens/s) may come in one piece; 400 tokens may not.
+    stream = client.chat.completions.create(
+        model="tiny", messages=SPAIN, stream=True, max_tokens=400, extra_body={"min_tokens": 400}
+    )
+    arrivals = [time.perf_counter() for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+    assert len(arrivals) > 3, "the answer arrived in one piece"
+    assert arrivals[-1] - arrivals[0] > 0.01, "the pieces arrived together, after the generation"
 
 
 def test_raw_stream_is_server_sent_events_ending_in_done(server: LiveServer) -> None:

@@ -37,7 +37,10 @@ class EngineOptions:
     max_batch_size: int = 8
     max_queue: int = 256  # waiting requests; more are refused with Overloaded
     intra_op_threads: int | None = None  # None: every core this process may use
-    batch_wait_s: float = 0.005  # how long a new batch waits for requests sent at the same moment
+    # A new batch waits while requests keep arriving (each within batch_wait_s of the previous one),
+    # for at most max_batch_wait_s: clients that send together share one batch.
+    batch_wait_s: float = 0.005
+    max_batch_wait_s: float = 0.1
 
 
 @dataclass
@@ -48,10 +51,26 @@ class _Request:
     cancelled: threading.Event = field(default_factory=threading.Event)
     number: int = field(default_factory=lambda: next(_ids))
     enqueued: float = field(default_factory=time.perf_counter)
+    listener: Callable[[], None] | None = None
+
+    def put(self, kind: str, value: Any) -> None:
+        """Queue an event for the caller, then tell its listener (if any) that events are ready."""
+        self.events.put((kind, value))
+        listener = self.listener
+        if listener is not None:
+            try:
+                listener()
+            except Exception:  # a listener's failure is its caller's problem, never the batch's
+                log.exception("a token stream listener failed")
 
 
 class TokenStream:
-    """The caller's side of one request: iterate for text deltas, then read `completion`."""
+    """The caller's side of one request: iterate for text deltas, then read `completion`.
+
+    Blocking callers iterate. Event-driven callers (the HTTP server) `listen` instead and `poll`
+    when woken: no thread per request, and tokens that arrive while the caller is busy are read in
+    one go.
+    """
 
     def __init__(self, request: _Request) -> None:
         self._request = request
@@ -60,23 +79,52 @@ class TokenStream:
 
     def __iter__(self) -> Iterator[str]:
         while self.completion is None:
-            kind, value = self._request.events.get()
-            if kind == "text":
-                if self.first_token_seconds is None:
-                    self.first_token_seconds = time.perf_counter() - self._request.enqueued
-                yield value
-            elif kind == "done":
-                self.completion = value
-            elif kind == "cancelled":
+            text = self._handle(*self._request.events.get())
+            if text is None:
                 return
-            else:
-                raise value
+            if text:
+                yield text
+
+    def listen(self, wake: Callable[[], None]) -> None:
+        """Have `wake()` called (on the engine's thread: it must be quick) whenever `poll` has news."""
+        self._request.listener = wake
+        # Events queued before the listener was set would otherwise go unannounced.
+        if not self._request.events.empty():
+            wake()
+
+    def poll(self) -> str:
+        """The text generated since the last poll, without waiting ('' if none); sets `completion`
+        once the generation is done and raises its failure."""
+        parts = []
+        while self.completion is None:
+            try:
+                event = self._request.events.get_nowait()
+            except queue.Empty:
+                break
+            text = self._handle(*event)
+            if text is None:
+                break
+            parts.append(text)
+        return "".join(parts)
 
     def cancel(self) -> None:
         """Stop generating; the batch slot is released at the next step."""
         self._request.cancelled.set()
         # A cancelled request gets no further events: wake a consumer blocked waiting for one.
-        self._request.events.put(("cancelled", None))
+        self._request.put("cancelled", None)
+
+    def _handle(self, kind: str, value: Any) -> str | None:
+        """One event: its text ('' for none), or None once the stream was cancelled."""
+        if kind == "text":
+            if self.first_token_seconds is None:
+                self.first_token_seconds = time.perf_counter() - self._request.enqueued
+            return value
+        if kind == "done":
+            self.completion = value
+            return ""
+        if kind == "cancelled":
+            return None
+        raise value
 
     def result(self) -> Completion:
         for _ in self:
@@ -215,7 +263,7 @@ class GenerationEngine:
         except Exception as e:
             log.exception("generation failed for %d request(s)", len(batch))
             for request in batch:
-                request.events.put(("error", SlmflowError(f"generation failed: {e}")))
+                request.put("error", SlmflowError(f"generation failed: {e}"))
 
     def _load(self) -> None:
         import onnxruntime_genai as og
@@ -237,7 +285,7 @@ class GenerationEngine:
                 self._wakeup.wait()
             if self._closed:
                 for request in self._pending:
-                    request.events.put(("error", SlmflowError("the model has been unloaded")))
+                    request.put("error", SlmflowError("the model has been unloaded"))
                 for call in self._calls:
                     call.future.set_exception(SlmflowError("the model has been unloaded"))
                 return None
@@ -260,13 +308,19 @@ class GenerationEngine:
 
         A batch cannot take new rows once it runs, so starting on the first of eight simultaneous
         requests would make the other seven wait for it: a few milliseconds here is worth a whole
-        generation there.
+        generation there. Requests sent together reach the queue one by one (the server parses,
+        renders and tokenizes each in turn), so the wait goes on while they keep coming.
         """
-        deadline = time.monotonic() + self.options.batch_wait_s
-        while len(self._pending) < self.options.max_batch_size and not self._closed:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._wakeup.wait(remaining):
+        now = time.monotonic()
+        last_arrival, give_up = now, now + self.options.max_batch_wait_s
+        waiting = len(self._pending)
+        while waiting < self.options.max_batch_size and not self._closed:
+            remaining = min(last_arrival + self.options.batch_wait_s, give_up) - time.monotonic()
+            if remaining <= 0:
                 return
+            self._wakeup.wait(remaining)
+            if len(self._pending) > waiting:
+                last_arrival, waiting = time.monotonic(), len(self._pending)
 
     def _fits(self, batch: list[_Request]) -> bool:
         """A batch's KV buffer spans its longest prompt plus its longest answer; both must fit."""
@@ -337,12 +391,12 @@ class _Row:
         if flush:
             self._emit(self.stops.flush())
         usage = Usage(len(self.request.prompt_ids), self.generated)
-        self.request.events.put(("done", Completion("".join(self.text), reason, usage)))
+        self.request.put("done", Completion("".join(self.text), reason, usage))
 
     def _emit(self, text: str) -> None:
         if text:
             self.text.append(text)
-            self.request.events.put(("text", text))
+            self.request.put("text", text)
 
 
 class _Call:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from slmflow.errors import InvalidRequest, Overloaded, SlmflowError
@@ -31,14 +31,17 @@ CHAT_TASK = "llm/v1/chat"
 
 
 class Generation(Protocol):
-    """One requested completion: iterate (blocking, any thread) for text deltas, then read `completion`.
+    """One requested completion, polled: `listen` once, then `poll` whenever woken.
 
-    `completion` stays None when the generation was cancelled.
+    `poll` returns the text generated since the previous poll without waiting, raises the
+    generation's failure, and sets `completion` once it is done (it stays None when cancelled).
     """
 
     completion: Completion | None
 
-    def __iter__(self) -> Iterator[str]: ...
+    def listen(self, wake: Callable[[], None]) -> None: ...
+
+    def poll(self) -> str: ...
 
     def cancel(self) -> None: ...
 
@@ -167,25 +170,39 @@ class PyfuncBackend:
 
 
 class _PyfuncGeneration:
-    """One choice for a `PyfuncBackend`: it runs when first iterated and yields its answer whole."""
+    """One choice for a `PyfuncBackend`: it runs on its own thread once listened to, and its answer
+    arrives whole."""
 
     def __init__(self, backend: PyfuncBackend, request: dict[str, Any], stop: Sequence[str]) -> None:
         self._backend = backend
         self._request = request
         self._stop = stop
         self._cancelled = threading.Event()
+        self._outcome: Completion | BaseException | None = None
         self.completion: Completion | None = None
 
-    def __iter__(self) -> Iterator[str]:
-        completion = self._backend.run(self._request, self._stop, self._cancelled)
-        if completion is None:
-            return
-        if completion.text:
-            yield completion.text
-        self.completion = completion
+    def listen(self, wake: Callable[[], None]) -> None:
+        threading.Thread(target=self._run, args=(wake,), name="slmflow-pyfunc", daemon=True).start()
+
+    def poll(self) -> str:
+        outcome = self._outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if outcome is None or self.completion is not None:
+            return ""
+        self.completion = outcome
+        return outcome.text
 
     def cancel(self) -> None:
         self._cancelled.set()
+
+    def _run(self, wake: Callable[[], None]) -> None:
+        try:
+            self._outcome = self._backend.run(self._request, self._stop, self._cancelled)
+        except Exception as error:  # raised on the loop, in the request that owns it
+            self._outcome = error
+        if self._outcome is not None:  # None: cancelled, so nobody is waiting
+            wake()
 
 
 def load_backend(settings: ServerSettings) -> Backend:

@@ -158,8 +158,10 @@ async def _complete(
     state = server(request)
     started = asyncio.get_running_loop().time()
     params = sampling_params(body.model_dump())
-    # Rendering and tokenizing a long prompt takes a while: not on the event loop.
-    generations = await run_in_threadpool(start, state.backend, params)
+    # Rendering, tokenizing and queueing run on the loop: ONNX Runtime GenAI's Python binding holds
+    # the GIL while it tokenizes (and while it decodes), so a worker thread would block the loop
+    # just the same and only add two thread switches, each of which can wait for a decode step.
+    generations = start(state.backend, params)
     relay = Relay(generations, started=started, timeout=state.settings.request_timeout)
     if body.stream:
         return EventStream(_events(request, relay, kind, include_usage=body.include_usage), relay)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import threading
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -30,12 +29,14 @@ class Delta:
 
 
 class Relay:
-    """Carries the deltas of one request's generations to the event loop, one thread per generation.
+    """Carries the deltas of one request's generations to the event loop.
 
-    Generation iterators block, so each runs on its own thread and hands its text to the loop; the
-    loop never waits on the engine. The threads start at once, and leaving the `with` block cancels
-    every generation not yet finished: a request that fails, times out or loses its client frees
-    its batch slots.
+    Generations announce news through a callback on whatever thread produces them (the engine's);
+    the callback only schedules one wake-up of the loop, which then polls every generation without
+    waiting. Tokens that pile up while the loop is busy therefore travel as one delta, and no thread
+    per request competes with the engine for the interpreter. Leaving the `with` block cancels every
+    generation not yet finished: a request that fails, times out or loses its client frees its
+    batch slots.
     """
 
     def __init__(self, generations: Sequence[Generation], *, started: float, timeout: float) -> None:
@@ -44,11 +45,10 @@ class Relay:
         self.timeout = timeout
         self.first_token_seconds: float | None = None
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[Delta | Exception] = asyncio.Queue()
-        for index, generation in enumerate(generations):
-            threading.Thread(
-                target=self._pump, args=(index, generation), name=f"slmflow-relay-{index}", daemon=True
-            ).start()
+        self._ready = asyncio.Event()
+        self._wake_scheduled = False
+        for generation in generations:
+            generation.listen(self._wake)
 
     def __enter__(self) -> Relay:
         return self
@@ -63,20 +63,26 @@ class Relay:
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
         """Deltas as they arrive, until every choice is finished; raises the first failure."""
-        open_choices = len(self.generations)
+        open_choices = set(range(len(self.generations)))
         while open_choices:
             try:
                 async with asyncio.timeout_at(self.started + self.timeout):
-                    item = await self._queue.get()
+                    await self._ready.wait()
             except TimeoutError:
                 raise request_timeout(self.timeout) from None
-            if isinstance(item, Exception):
-                raise item
-            if self.first_token_seconds is None:
-                self.first_token_seconds = self._loop.time() - self.started
-            if item.completion is not None:
-                open_choices -= 1
-            yield item
+            # Re-arm before polling: news that arrives from here on schedules another wake-up.
+            self._ready.clear()
+            self._wake_scheduled = False
+            for index in sorted(open_choices):
+                generation = self.generations[index]
+                text = generation.poll()
+                if (text or generation.completion) and self.first_token_seconds is None:
+                    self.first_token_seconds = self._loop.time() - self.started
+                if text:
+                    yield Delta(index, text)
+                if generation.completion is not None:
+                    open_choices.discard(index)
+                    yield Delta(index, completion=generation.completion)
 
     async def completions(self) -> list[Completion]:
         """Wait for every choice; the finished completions in choice order."""
@@ -86,18 +92,13 @@ class Relay:
                 finished[delta.index] = delta.completion
         return [finished[index] for index in range(len(self.generations))]
 
-    def _pump(self, index: int, generation: Generation) -> None:
-        try:
-            for text in generation:
-                self._put(Delta(index, text))
-            if generation.completion is not None:  # None: cancelled, so nobody is waiting
-                self._put(Delta(index, completion=generation.completion))
-        except Exception as error:  # re-raised on the loop, in the request that owns it
-            self._put(error)
-
-    def _put(self, item: Delta | Exception) -> None:
+    def _wake(self) -> None:
+        """Called on the producing thread: at most one wake-up of the loop is pending at a time."""
+        if self._wake_scheduled:
+            return
+        self._wake_scheduled = True
         with contextlib.suppress(RuntimeError):  # the loop is closed: the server has stopped
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._ready.set)
 
 
 def sse(data: Any) -> str:
