@@ -82,6 +82,7 @@ class Point:
     itl_p95: float | None
     tpot_p50: float | None
     peak_rss_mb: float
+    rounds: list[float] = field(default_factory=list)  # tokens/s of each repetition, in round order
     ratios: dict[str, float] = field(default_factory=dict)
 
 
@@ -92,20 +93,21 @@ def percentile(values: list[float], q: float) -> float:
 
 def summarize(system: str, concurrency: int, runs: list[tuple[float, list[Timing]]], rss: float) -> Point:
     """Medians over repetitions of aggregate tokens/s; percentiles over all requests' latencies."""
-    throughput = statistics.median(sum(t.tokens for t in timings) / wall for wall, timings in runs)
+    rounds = [sum(t.tokens for t in timings) / wall for wall, timings in runs]
     timings = [t for _, ts in runs for t in ts]
     itls = [i for t in timings for i in t.itls]
     tpots = [t.tpot for t in timings if t.tpot is not None]
     return Point(
         system,
         concurrency,
-        throughput,
+        statistics.median(rounds),
         percentile([t.ttft for t in timings], 0.5),
         percentile([t.ttft for t in timings], 0.95),
         percentile(itls, 0.5) if itls else None,
         percentile(itls, 0.95) if itls else None,
         percentile(tpots, 0.5) if tpots else None,
         rss,
+        rounds,
     )
 
 
@@ -175,13 +177,24 @@ class HttpSystem:
         command = [part.replace("{port}", str(self.port)) for part in command]
         self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.peak_rss = 0.0
-        self._sampling = True
-        threading.Thread(target=self._sample_rss, daemon=True).start()
         self.ready_path = ready_path
         wait_ready(self.process, self.url + ready_path, Path(self.log.name))
+        import psutil
+
+        # Found once: listing a process's children scans every process on the machine, which,
+        # repeated by several idle servers' samplers, took CPU from the one being measured.
+        root = psutil.Process(self.process.pid)
+        self._tree = [root, *root.children(recursive=True)]
 
     def run(self, concurrency: int) -> tuple[float, list[Timing]]:
-        return asyncio.run(self._run(concurrency))
+        stop = threading.Event()
+        sampler = threading.Thread(target=self._sample_rss, args=(stop,), daemon=True)
+        sampler.start()
+        try:
+            return asyncio.run(self._run(concurrency))
+        finally:
+            stop.set()
+            sampler.join()
 
     async def _run(self, concurrency: int) -> tuple[float, list[Timing]]:
         """All clients on one event loop with aiohttp (as vLLM's serving benchmark does): the client's
@@ -205,20 +218,19 @@ class HttpSystem:
     def rss_mb(self) -> float:
         return self.peak_rss
 
-    def _sample_rss(self) -> None:
+    def _sample_rss(self, stop: threading.Event) -> None:
+        """The peak RSS of the server's processes while it serves (each read is one small /proc file)."""
         import psutil
 
-        while self._sampling and self.process.poll() is None:
+        while True:
             try:
-                root = psutil.Process(self.process.pid)
-                rss = sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
-                self.peak_rss = max(self.peak_rss, rss / 2**20)
+                self.peak_rss = max(self.peak_rss, sum(p.memory_info().rss for p in self._tree) / 2**20)
             except psutil.Error:
                 pass
-            time.sleep(0.2)
+            if stop.wait(0.1):
+                return
 
     def close(self) -> None:
-        self._sampling = False
         os.killpg(self.process.pid, signal.SIGTERM)
         self.process.wait(timeout=60)
 
@@ -396,18 +408,22 @@ def weight_bytes_per_token(onnx_dir: Path) -> int:
 
 
 def add_ratios(points: list[Point]) -> None:
+    """Paired: the median over rounds of this system's tokens/s over the reference's in the same
+    round, seconds apart, so a slow spell of the machine cancels out."""
     by = {(p.system, p.concurrency): p for p in points}
     for point in points:
         for reference in ("ceiling", "tutorial-mlflow"):
             base = by.get((reference, point.concurrency))
-            if base and base.tokens_per_s:
-                point.ratios[f"vs {reference}"] = point.tokens_per_s / base.tokens_per_s
+            if base and all(base.rounds):
+                pairs = [mine / theirs for mine, theirs in zip(point.rounds, base.rounds, strict=True)]
+                point.ratios[f"vs {reference}"] = statistics.median(pairs)
 
 
 def markdown(points: list[Point], machine: dict, bandwidth: dict) -> str:
     lines = [
         f"Machine: {machine['cpu']}, {machine['cores']} cores; model: {machine['model']}; "
-        f"{machine['tokens']} new tokens per request; medians of {machine['repetitions']} repetitions.",
+        f"{machine['tokens']} new tokens per request; medians of {machine['repetitions']} repetitions, the systems "
+        "taking turns in each; ratios are medians of the per-repetition ratios.",
         "",
         "| system | clients | tokens/s | TTFT p50 (s) | TTFT p95 (s) | ITL p50 (ms) | ITL p95 (ms) | TPOT p50 (ms) | peak RSS (MB) | vs ceiling | vs tutorial |",
         "|---|---|---|---|---|---|---|---|---|---|---|",

@@ -19,13 +19,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from slmflow.errors import ConversionError, SlmflowError
+from slmflow.progress import Progress
 
 PRECISIONS = ("int4", "fp16", "fp32")
 EXECUTION_PROVIDERS = ("cpu", "cuda")
 # Measured on the project's CPU machines: 128-wide int4 blocks decode 10-40% faster than the default 32.
 INT4_BLOCK_SIZE = 128
 
-Progress = Callable[[str, int, int], None]
 _LAYER = re.compile(r"Reading layer (\d+)")
 
 

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 from slmflow.onnx_genai.schema import CHAT_EXAMPLE, PROMPT_EXAMPLE
-from slmflow.packaging import PackageSpec, Progress, package
+from slmflow.packaging import PackageSpec, package
+from slmflow.progress import Progress
 
 ALIAS = "champion"
 # (registered name, route, task, the tutorial input it answers)

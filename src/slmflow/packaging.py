@@ -11,7 +11,6 @@ import logging
 import socket
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +19,9 @@ from slmflow import convert
 from slmflow.checkpoints import Checkpoint, resolve
 from slmflow.errors import SlmflowError
 from slmflow.onnx_genai.schema import CHAT_EXAMPLE, TASKS
+from slmflow.progress import Progress
 
 ROUTES = ("onnx", "transformers")
-Progress = Callable[[str, int, int], None]
 # host:pid:start time of the process running a package run: tells an interrupted run from a live one.
 PROCESS_TAG = "slmflow.package.process"
 log = logging.getLogger(__name__)

@@ -162,3 +162,39 @@ def test_a_listener_is_woken_and_polling_yields_the_whole_answer(engine) -> None
         pieces.append(stream.poll())
     assert "".join(pieces) == expected.text
     assert stream.completion == expected
+
+
+def test_requests_join_a_running_batch_without_changing_any_answer(onnx_int4) -> None:
+    from slmflow.generation.engine import EngineOptions, GenerationEngine
+
+    forced = SamplingParams(temperature=0.0, max_tokens=400, min_tokens=400)  # long enough to join
+    engine = GenerationEngine(onnx_int4, EngineOptions(batch_wait_s=0, join_steps=1_000_000))
+    try:
+        prompts = [engine.render_chat(q) for q in QUESTIONS[:3]]  # different lengths: padded rows
+        alone = [engine.generate(p, forced) for p in prompts]
+        first = engine.submit(prompts[0], forced)
+        next(iter(first))  # its batch is running
+        late = [engine.submit(p, forced) for p in prompts[1:]]
+        together = [first.result(), *(s.result() for s in late)]
+        assert engine.stats.joined_requests == 2 and engine.stats.batches == 4, "the late requests did not join"
+        assert together == alone
+    finally:
+        engine.close()
+
+
+def test_a_running_row_that_min_tokens_would_hold_back_takes_no_joiners(onnx_int4) -> None:
+    from slmflow.generation.engine import EngineOptions, GenerationEngine
+
+    # After its first token the running row needs 49 more at least; a newcomer would need 50, and
+    # the Generator has one min_length for both: joining would change the running row's output.
+    params = SamplingParams(temperature=0.0, max_tokens=400, min_tokens=50)
+    engine = GenerationEngine(onnx_int4, EngineOptions(batch_wait_s=0, join_steps=1_000_000))
+    try:
+        prompt = engine.render_chat(SPAIN)
+        first = engine.submit(prompt, params)
+        next(iter(first))
+        second = engine.submit(prompt, params)
+        assert first.result() == second.result()
+        assert engine.stats.joined_requests == 0 and engine.stats.batches == 2
+    finally:
+        engine.close()

@@ -15,12 +15,12 @@ import os
 import random
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from slmflow.checkpoints import task
 from slmflow.paths import slmflow_home
+from slmflow.progress import Progress
 
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<unk>",
@@ -42,8 +42,6 @@ PHI3_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
 )
-
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)

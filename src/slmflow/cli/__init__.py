@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -13,8 +13,7 @@ import click
 
 from slmflow import __version__
 from slmflow.errors import SlmflowError
-
-Progress = Callable[[str, int, int], None]
+from slmflow.progress import Progress
 
 
 class _Group(click.Group):

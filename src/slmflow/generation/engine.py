@@ -41,6 +41,10 @@ class EngineOptions:
     # for at most max_batch_wait_s: clients that send together share one batch.
     batch_wait_s: float = 0.005
     max_batch_wait_s: float = 0.1
+    # A running batch takes alike requests that arrive during its first join_steps steps: it restarts
+    # with its rows' text so far as their prompts (one re-read of them) rather than leave the
+    # newcomers waiting for its whole generation.
+    join_steps: int = 8
 
 
 @dataclass
@@ -297,7 +301,7 @@ class GenerationEngine:
             for request in list(self._pending):
                 if len(batch) >= self.options.max_batch_size:
                     break
-                if _batch_key(request) == key and self._fits(batch + [request]):
+                if _batch_key(request) == key and self._fits([_span(r) for r in batch + [request]]):
                     self._pending.remove(request)
                     batch.append(request)
             self.stats.queue_depth = len(self._pending)
@@ -322,38 +326,85 @@ class GenerationEngine:
             if len(self._pending) > waiting:
                 last_arrival, waiting = time.monotonic(), len(self._pending)
 
-    def _fits(self, batch: list[_Request]) -> bool:
-        """A batch's KV buffer spans its longest prompt plus its longest answer; both must fit."""
-        width = max(len(r.prompt_ids) for r in batch)
-        return width + max(r.params.max_tokens or 0 for r in batch) <= self.context_length
+    def _fits(self, spans: list[tuple[int, int]]) -> bool:
+        """Each row's (tokens so far, tokens still to come): a batch's KV buffer spans the longest of
+        the first plus the longest of the second, and must fit the context."""
+        return max(done for done, _ in spans) + max(to_come for _, to_come in spans) <= self.context_length
 
     def _run(self, batch: list[_Request]) -> None:
         if not batch:
             return
-        og = self._og
+        rows = [_Row(r, self._tokenizer.create_stream()) for r in batch]
+        everyone = list(rows)
+        self.stats.batch_started(len(rows))
+        while joiners := self._decode(self._start(rows), rows):
+            newcomers = [_Row(r, self._tokenizer.create_stream()) for r in joiners]
+            everyone += newcomers
+            rows = [row for row in rows if not row.finished] + newcomers
+            self.stats.joined(len(newcomers), running=len(rows))
+        self.stats.batch_finished(sum(row.generated for row in everyone))
+
+    def _start(self, rows: list[_Row]) -> Any:
+        """A Generator that has read every row's prompt and the tokens it generated so far."""
         import numpy as np
 
-        width = max(len(r.prompt_ids) for r in batch)
-        new_tokens = max(r.params.max_tokens or 0 for r in batch)
+        og = self._og
+        contexts = [row.context for row in rows]
+        width = max(len(c) for c in contexts)
         params = og.GeneratorParams(self._model)
-        params.set_search_options(**_search_options(batch[0].params, len(batch), width, new_tokens))
-        if batch[0].params.guidance:
-            params.set_guidance(*batch[0].params.guidance)
+        first = rows[0].request.params
+        to_come = max(row.to_come for row in rows)
+        at_least = max(row.min_to_come for row in rows)
+        params.set_search_options(**_search_options(first, len(rows), width, to_come, at_least))
+        if first.guidance:  # guided requests run alone and never take newcomers: no restart re-applies it
+            params.set_guidance(*first.guidance)
         generator = og.Generator(self._model, params)
-        tokens = np.full((len(batch), width), self.pad_token_id, dtype=np.int32)
-        for row, request in enumerate(batch):
-            tokens[row, : len(request.prompt_ids)] = request.prompt_ids
-        generator.append_tokens(tokens if len(batch) > 1 else tokens[0])
-        rows = [_Row(r, self._tokenizer.create_stream()) for r in batch]
-        self.stats.batch_started(len(batch))
+        tokens = np.full((len(rows), width), self.pad_token_id, dtype=np.int32)
+        for index, context in enumerate(contexts):
+            tokens[index, : len(context)] = context
+        generator.append_tokens(tokens if len(rows) > 1 else tokens[0])
+        return generator
+
+    def _decode(self, generator: Any, rows: list[_Row]) -> list[_Request]:
+        """Step until every row is finished (then []), or until requests may join (then those)."""
+        steps = 0
         while not generator.is_done() and any(not row.finished for row in rows):
             generator.generate_next_token()
-            next_tokens = generator.get_next_tokens()
-            for row, token in zip(rows, next_tokens, strict=True):
+            for row, token in zip(rows, generator.get_next_tokens(), strict=True):
                 row.step(int(token), self.eos_token_ids)
+            steps += 1
+            if self._pending and steps <= self.options.join_steps:
+                if joiners := self._joiners([row for row in rows if not row.finished]):
+                    return joiners
         for row in rows:
             row.finish("length")
-        self.stats.batch_finished(len(batch), sum(row.generated for row in rows))
+        return []
+
+    def _joiners(self, live: list[_Row]) -> list[_Request]:
+        """Waiting requests that may join these rows (removed from the queue), if joining changes no
+        row's output: same batch key, the context fits, and min_tokens keeps its meaning."""
+        if not live:
+            return []
+        # The restarted Generator holds every row back from ending until min_tokens (alike requests
+        # share it): a running row must either still need as many, or have to run to max_tokens anyway.
+        at_least = live[0].request.params.min_tokens
+        if any(row.min_to_come != at_least and row.min_to_come < row.to_come for row in live):
+            return []
+        key = _batch_key(live[0].request)
+        room = self.options.max_batch_size - len(live)
+        spans = [(len(row.context), row.to_come) for row in live]
+        joiners: list[_Request] = []
+        with self._wakeup:
+            for request in list(self._pending):
+                if len(joiners) >= room:
+                    break
+                if request.cancelled.is_set() or _batch_key(request) != key:
+                    continue
+                if self._fits(spans + [_span(r) for r in joiners + [request]]):
+                    self._pending.remove(request)
+                    joiners.append(request)
+            self.stats.queue_depth = len(self._pending)
+        return joiners
 
 
 class _Row:
@@ -363,9 +414,26 @@ class _Row:
         self.request = request
         self.stream = stream
         self.stops = StopMatcher(request.params.stop)
-        self.generated = 0
+        self.tokens: list[int] = []
         self.text: list[str] = []
         self.finished = False
+
+    @property
+    def generated(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def context(self) -> list[int]:
+        """What a restarted Generator reads for this row: its prompt and its tokens so far."""
+        return self.request.prompt_ids + self.tokens
+
+    @property
+    def to_come(self) -> int:
+        return (self.request.params.max_tokens or 0) - self.generated
+
+    @property
+    def min_to_come(self) -> int:
+        return max(self.request.params.min_tokens - self.generated, 0)
 
     def step(self, token: int, eos: frozenset[int]) -> None:
         if self.finished:
@@ -373,7 +441,7 @@ class _Row:
         if self.request.cancelled.is_set():
             self.finished = True  # nobody is listening: drop it silently
             return
-        self.generated += 1
+        self.tokens.append(token)
         if token in eos:
             self.finish("stop")
             return
@@ -437,7 +505,8 @@ class EngineStats:
     queue_depth: int = 0
     running: int = 0
     batches: int = 0
-    batched_requests: int = 0
+    batched_requests: int = 0  # joined ones included
+    joined_requests: int = 0  # requests that joined a running batch
     generated_tokens: int = 0
 
     def batch_started(self, size: int) -> None:
@@ -445,7 +514,12 @@ class EngineStats:
         self.batches += 1
         self.batched_requests += size
 
-    def batch_finished(self, size: int, tokens: int) -> None:
+    def joined(self, size: int, *, running: int) -> None:
+        self.running = running
+        self.batched_requests += size
+        self.joined_requests += size
+
+    def batch_finished(self, tokens: int) -> None:
         self.running = 0
         self.generated_tokens += tokens
 
@@ -468,11 +542,12 @@ def _batch_key(request: _Request) -> tuple:
     return ("sample", p.temperature, p.top_p, p.top_k, p.min_tokens)
 
 
-def _search_options(p: SamplingParams, batch_size: int, width: int, new_tokens: int) -> dict[str, Any]:
+def _search_options(p: SamplingParams, batch_size: int, width: int, new_tokens: int, at_least: int) -> dict[str, Any]:
+    """Every row of a right-padded batch generates from position `width` on."""
     options: dict[str, Any] = {
         "batch_size": batch_size,
         "max_length": width + new_tokens,
-        "min_length": width + p.min_tokens if p.min_tokens else 0,
+        "min_length": width + at_least if at_least else 0,
         "do_sample": not p.greedy,
     }
     if not p.greedy:
@@ -482,6 +557,10 @@ def _search_options(p: SamplingParams, batch_size: int, width: int, new_tokens: 
         if p.seed is not None:
             options["random_seed"] = p.seed
     return options
+
+
+def _span(request: _Request) -> tuple[int, int]:
+    return len(request.prompt_ids), request.params.max_tokens or 0
 
 
 def _search_defaults(search: dict[str, Any]) -> SamplingParams:

@@ -11,6 +11,7 @@ from typing import Any
 from slmflow.errors import InvalidRequest
 
 MAX_STOP_SEQUENCES = 4
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1  # ONNX Runtime GenAI's random_seed and top_k are C++ ints
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from slmflow.errors import InvalidRequest
-from slmflow.generation.params import SamplingParams
+from slmflow.generation.params import INT32_MAX, INT32_MIN, SamplingParams
 
 if TYPE_CHECKING:
     from slmflow.generation.engine import GenerationEngine
-
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1  # ONNX Runtime GenAI's random_seed and top_k are C++ ints
 
 
 def check_text(text: str, param: str) -> None:

@@ -165,7 +165,7 @@ class PyfuncBackend:
                 completion = _completion(self.model.predict(request), stop)
             finally:
                 with self._stats_lock:
-                    self._stats.batch_finished(1, completion.usage.completion_tokens if completion else 0)
+                    self._stats.batch_finished(completion.usage.completion_tokens if completion else 0)
         return completion
 
 

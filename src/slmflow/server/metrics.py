@@ -60,5 +60,8 @@ class _EngineCollector(Collector):
         )
         yield CounterMetricFamily("slmflow_batched_requests", "Requests run in batches", value=stats.batched_requests)
         yield CounterMetricFamily(
+            "slmflow_joined_requests", "Requests that joined a batch already running", value=stats.joined_requests
+        )
+        yield CounterMetricFamily(
             "slmflow_generated_tokens", "Tokens generated, cancelled requests included", value=stats.generated_tokens
         )

@@ -14,10 +14,9 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from slmflow.generation.chat import ROLES
-from slmflow.generation.params import MAX_STOP_SEQUENCES, SamplingParams
+from slmflow.generation.params import INT32_MAX, INT32_MIN, MAX_STOP_SEQUENCES, SamplingParams
 
 MAX_N = 16  # choices per request, as the flavor's pyfunc allows
-INT32 = (-(2**31), 2**31 - 1)  # what ONNX Runtime GenAI takes for seed and top_k
 
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
@@ -32,8 +31,8 @@ SAMPLING_FIELDS: dict[str, dict[str, Any]] = {
     "min_tokens": _nullable({"type": "integer", "minimum": 0}),
     "temperature": _nullable({"type": "number", "minimum": 0, "maximum": 2}),
     "top_p": _nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
-    "top_k": _nullable({"type": "integer", "minimum": 0, "maximum": INT32[1]}),
-    "seed": _nullable({"type": "integer", "minimum": INT32[0], "maximum": INT32[1]}),
+    "top_k": _nullable({"type": "integer", "minimum": 0, "maximum": INT32_MAX}),
+    "seed": _nullable({"type": "integer", "minimum": INT32_MIN, "maximum": INT32_MAX}),
     "stop": _nullable(
         {
             "anyOf": [
