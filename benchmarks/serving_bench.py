@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
+SETTLE_S = 0.5  # between systems: the previous one's thread pools stop spinning before the next starts
 PROMPT = "Tell me about the history of the capital cities of Europe and how they grew over the centuries."
 
 
@@ -519,6 +520,7 @@ def measure(factories: list[Callable[[], System]], levels: list[int], repetition
                 system.run(level)  # warm-up at this level, not timed
             for _ in range(repetitions):
                 for system in running:
+                    time.sleep(SETTLE_S)
                     runs[system.name].append(system.run(level))
             for system in running:
                 points.append(summarize(system.name, level, runs[system.name], system.rss_mb()))

@@ -41,9 +41,9 @@ class EngineOptions:
     # for at most max_batch_wait_s: clients that send together share one batch.
     batch_wait_s: float = 0.005
     max_batch_wait_s: float = 0.1
-    # A running batch takes alike requests that arrive during its first join_steps steps: it restarts
-    # with its rows' text so far as their prompts (one re-read of them) rather than leave the
-    # newcomers waiting for its whole generation.
+    # A running batch takes alike requests that arrive during its first join_steps steps, when at
+    # least as many can join as are running: it restarts with its rows' text so far as their
+    # prompts (one re-read of them) rather than leave the newcomers waiting for its whole generation.
     join_steps: int = 8
 
 
@@ -310,9 +310,9 @@ class GenerationEngine:
     def _gather(self) -> None:
         """Give requests sent together a moment to arrive together (called with the lock held).
 
-        A batch cannot take new rows once it runs, so starting on the first of eight simultaneous
-        requests would make the other seven wait for it: a few milliseconds here is worth a whole
-        generation there. Requests sent together reach the queue one by one (the server parses,
+        A running batch takes new rows only by re-reading its own (see join_steps), so starting on
+        the first of eight simultaneous requests would make the other seven wait for it or cost a
+        restart: a few milliseconds here is worth a whole generation there. Requests sent together reach the queue one by one (the server parses,
         renders and tokenizes each in turn), so the wait goes on while they keep coming.
         """
         now = time.monotonic()
@@ -392,17 +392,22 @@ class GenerationEngine:
             return []
         key = _batch_key(live[0].request)
         room = self.options.max_batch_size - len(live)
+        if room < len(live):  # too few could join for re-reading every running row to pay
+            return []
         spans = [(len(row.context), row.to_come) for row in live]
         joiners: list[_Request] = []
         with self._wakeup:
-            for request in list(self._pending):
+            for request in self._pending:
                 if len(joiners) >= room:
                     break
                 if request.cancelled.is_set() or _batch_key(request) != key:
                     continue
                 if self._fits(spans + [_span(r) for r in joiners + [request]]):
-                    self._pending.remove(request)
                     joiners.append(request)
+            if len(joiners) < len(live):  # re-reading the running rows would cost more than they gain
+                return []
+            for request in joiners:
+                self._pending.remove(request)
             self.stats.queue_depth = len(self._pending)
         return joiners
 

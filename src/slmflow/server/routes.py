@@ -57,8 +57,13 @@ def server(request: Request) -> ServerState:
     return request.app.state.slmflow
 
 
-def require_api_key(request: Request) -> None:
-    """Bearer auth when an API key is set; the comparison takes the same time whatever the key."""
+async def require_api_key(request: Request) -> None:
+    """Bearer auth when an API key is set; the comparison takes the same time whatever the key.
+
+    Async on purpose: FastAPI runs a plain-def dependency on a worker thread, and that hop (which
+    waits for the engine to let go of the GIL) spread requests sent together over milliseconds, so
+    they missed each other's batch.
+    """
     key = server(request).settings.api_key
     if key is None:
         return
