@@ -42,10 +42,6 @@ def first_content(events: Iterator[str]) -> str:
     return next(line for line in events if '"content":"' in line and '"content":""' not in line)
 
 
-def relay_threads() -> int:
-    return sum(t.name.startswith("slmflow-relay") for t in threading.enumerate())
-
-
 @pytest.fixture(scope="module")
 def impatient_server(onnx_model_path: Path) -> Iterator[LiveServer]:
     # Short enough that two timed-out generations stay under LONG tokens even on a fast, idle
@@ -59,6 +55,7 @@ def test_engine_limits_reach_the_model(narrow_server: LiveServer) -> None:
 
 
 def test_client_leaving_a_stream_cancels_its_generation_and_frees_the_slot(narrow_server: LiveServer) -> None:
+    threads = threading.active_count()
     before = narrow_server.metric("slmflow_generated_tokens_total")
     with streaming(narrow_server, long_request()) as (response, events):
         assert response.status_code == 200
@@ -69,7 +66,7 @@ def test_client_leaving_a_stream_cancels_its_generation_and_frees_the_slot(narro
     generated = narrow_server.metric("slmflow_generated_tokens_total") - before
     assert generated < LONG / 2, f"the abandoned request kept generating ({generated} tokens)"
     assert narrow_server.metric("slmflow_queue_depth") == 0
-    assert wait_until(lambda: relay_threads() == 0, timeout=10), "a cancelled generation's relay thread never ended"
+    assert wait_until(lambda: threading.active_count() <= threads, timeout=10), "a thread outlived its request"
 
 
 def test_client_leaving_a_non_streaming_request_cancels_it(narrow_server: LiveServer) -> None:
