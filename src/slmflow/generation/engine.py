@@ -54,7 +54,6 @@ class _Request:
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     number: int = field(default_factory=lambda: next(_ids))
-    enqueued: float = field(default_factory=time.perf_counter)
     listener: Callable[[], None] | None = None
 
     def put(self, kind: str, value: Any) -> None:
@@ -79,7 +78,6 @@ class TokenStream:
     def __init__(self, request: _Request) -> None:
         self._request = request
         self.completion: Completion | None = None
-        self.first_token_seconds: float | None = None
 
     def __iter__(self) -> Iterator[str]:
         while self.completion is None:
@@ -120,8 +118,6 @@ class TokenStream:
     def _handle(self, kind: str, value: Any) -> str | None:
         """One event: its text ('' for none), or None once the stream was cancelled."""
         if kind == "text":
-            if self.first_token_seconds is None:
-                self.first_token_seconds = time.perf_counter() - self._request.enqueued
             return value
         if kind == "done":
             self.completion = value
@@ -312,8 +308,9 @@ class GenerationEngine:
 
         A running batch takes new rows only by re-reading its own (see join_steps), so starting on
         the first of eight simultaneous requests would make the other seven wait for it or cost a
-        restart: a few milliseconds here is worth a whole generation there. Requests sent together reach the queue one by one (the server parses,
-        renders and tokenizes each in turn), so the wait goes on while they keep coming.
+        restart: a few milliseconds here is worth a whole generation there. Requests sent together
+        reach the queue one by one (the server parses, renders and tokenizes each in turn), so the
+        wait goes on while they keep coming.
         """
         now = time.monotonic()
         last_arrival, give_up = now, now + self.options.max_batch_wait_s

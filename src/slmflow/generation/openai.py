@@ -45,37 +45,25 @@ def new_id(prefix: str = "chatcmpl") -> str:
 
 def chat_completion(completions: list[Completion], *, model: str, id: str | None = None) -> dict[str, Any]:
     """A `chat.completion` object with one choice per completion (OpenAI's `n`)."""
-    return {
-        "id": id or new_id(),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": index,
-                "message": {"role": "assistant", "content": c.text},
-                "finish_reason": c.finish_reason,
-                "logprobs": None,
-            }
-            for index, c in enumerate(completions)
-        ],
-        "usage": total_usage(completions).as_dict(),
-    }
+    choices = [
+        {
+            "index": index,
+            "message": {"role": "assistant", "content": c.text},
+            "finish_reason": c.finish_reason,
+            "logprobs": None,
+        }
+        for index, c in enumerate(completions)
+    ]
+    return _envelope("chat.completion", id or new_id(), model, int(time.time()), choices, total_usage(completions))
 
 
 def text_completion(completions: list[Completion], *, model: str, id: str | None = None) -> dict[str, Any]:
     """A legacy `text_completion` object (`/v1/completions`)."""
-    return {
-        "id": id or new_id("cmpl"),
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
-            for index, c in enumerate(completions)
-        ],
-        "usage": total_usage(completions).as_dict(),
-    }
+    choices = [
+        {"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
+        for index, c in enumerate(completions)
+    ]
+    return _envelope("text_completion", id or new_id("cmpl"), model, int(time.time()), choices, total_usage(completions))
 
 
 def chat_chunk(
@@ -97,16 +85,7 @@ def chat_chunk(
     if content is not None:
         delta["content"] = content
     choices = [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}] if with_choice else []
-    chunk: dict[str, Any] = {
-        "id": id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": choices,
-    }
-    if usage is not None:
-        chunk["usage"] = usage.as_dict()
-    return chunk
+    return _envelope("chat.completion.chunk", id, model, created, choices, usage)
 
 
 def total_usage(completions: list[Completion]) -> Usage:
@@ -128,13 +107,14 @@ def text_chunk(
 ) -> dict[str, Any]:
     """A streamed `text_completion` object (`/v1/completions` with `stream`)."""
     choice = {"index": index, "text": content or "", "finish_reason": finish_reason, "logprobs": None}
-    chunk: dict[str, Any] = {
-        "id": id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [choice] if with_choice else [],
-    }
+    return _envelope("text_completion", id, model, created, [choice] if with_choice else [], usage)
+
+
+def _envelope(
+    object: str, id: str, model: str, created: int, choices: list[dict[str, Any]], usage: Usage | None
+) -> dict[str, Any]:
+    """What every OpenAI completion object and chunk shares; `usage` only when there is one."""
+    body: dict[str, Any] = {"id": id, "object": object, "created": created, "model": model, "choices": choices}
     if usage is not None:
-        chunk["usage"] = usage.as_dict()
-    return chunk
+        body["usage"] = usage.as_dict()
+    return body
