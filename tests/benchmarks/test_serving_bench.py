@@ -1,4 +1,5 @@
-"""A smoke run of the serving benchmark harness on the tiny fixture: the report's shape, not speed."""
+"""A smoke run of the serving benchmark harness on the tiny fixture: the report's shape, not speed
+(nothing here may depend on how fast the machine is, or how answers are chunked)."""
 
 from __future__ import annotations
 
@@ -29,8 +30,14 @@ def test_quick_run_reports_every_system_and_level(tiny_checkpoint: Path, tmp_pat
         assert point["tokens_per_s"] > 0 and 0 < point["ttft_p50"] <= point["ttft_p95"]
         assert point["peak_rss_mb"] > 0
         assert point["ratios"]["vs ceiling"] > 0 and point["ratios"]["vs tutorial-mlflow"] > 0
-    streamed = [p for p in points if p["system"] in ("ceiling", "slmflow-serve")]
-    assert all(p["itl_p50"] is not None for p in streamed)
+    for point in points:
+        # Inter-chunk gaps exist only when an answer arrives in more than one piece, which on a fast
+        # machine a whole 64-token answer may not (the server sends what piled up as one chunk).
+        # The ceiling times every decoded token itself, so it always has them.
+        if point["system"] == "ceiling" or point["itl_p50"] is not None:
+            assert 0 <= point["itl_p50"] <= point["itl_p95"]
+        else:
+            assert point["itl_p95"] is None
     assert report["bandwidth"]["gbs"] > 0 and report["bandwidth"]["bytes_per_token"] > 0
     table = (tmp_path / "serving.md").read_text()
     assert table.count("\n| ") == 1 + len(points)  # header + one row per point
