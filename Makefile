@@ -5,13 +5,29 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test test-stress lint format venv bench clean
 
 demo: $(VENV)/.installed
 	$(BIN)/slmflow demo
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The same suite while a busy loop holds one of the two cores: a test that assumes how fast the
+# machine is fails here before it fails in CI.
+test-stress: $(VENV)/.installed
+	@$(BIN)/python -c 'while True: pass' & hog=$$!; trap 'kill $$hog' EXIT; \
+	echo "CPU hog running (pid $$hog)"; $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Lint, format check and type check: what .ci/run runs before the tests.
+lint: $(VENV)/.installed
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+
+format: $(VENV)/.installed
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
 
 venv: $(VENV)/.installed
 

@@ -44,7 +44,9 @@ class Measurement:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=200)
-    parser.add_argument("--sizes", default="tiny,bench", help="fixtures to package: tiny (trained), bench (realistic shapes)")
+    parser.add_argument(
+        "--sizes", default="tiny,bench", help="fixtures to package: tiny (trained), bench (realistic shapes)"
+    )
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--repeat", type=int, default=3, help="runs per setup; the fastest counts")
     parser.add_argument("--output", type=Path, default=RESULTS)
@@ -108,7 +110,10 @@ def one_process(model_uri: str, texts: list[str], params: dict, repeat: int) -> 
     measurements = []
     for setup, run in (
         ("loop, one row per predict", lambda: [model.predict({"messages": user(t)}, params=params)[0] for t in texts]),
-        ("one predict on all rows", lambda: model.predict(pd.DataFrame({"messages": [user(t) for t in texts]}), params=params)),
+        (
+            "one predict on all rows",
+            lambda: model.predict(pd.DataFrame({"messages": [user(t) for t in texts]}), params=params),
+        ),
     ):
         batches = stats.batches
         seconds = []

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -174,9 +175,12 @@ class HttpSystem:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1"}
-        self.log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)
+        # The server's stdout for its whole life; closed when the harness exits.
+        self.log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)  # noqa: SIM115
         command = [part.replace("{port}", str(self.port)) for part in command]
-        self.process = subprocess.Popen(command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            command, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         self.peak_rss = 0.0
         self.ready_path = ready_path
         wait_ready(self.process, self.url + ready_path, Path(self.log.name))
@@ -224,10 +228,8 @@ class HttpSystem:
         import psutil
 
         while True:
-            try:
+            with contextlib.suppress(psutil.Error):
                 self.peak_rss = max(self.peak_rss, sum(p.memory_info().rss for p in self._tree) / 2**20)
-            except psutil.Error:
-                pass
             if stop.wait(0.1):
                 return
 
@@ -295,7 +297,19 @@ def invocations(body: dict, tokens: int, count_from_usage: bool) -> Request:
 
 
 def mlflow_serve(model_path: str) -> list[str]:
-    return [str(BIN / "mlflow"), "models", "serve", "-m", model_path, "--env-manager", "local", "-h", "127.0.0.1", "-p", "{port}"]
+    return [
+        str(BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        model_path,
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        "{port}",
+    ]
 
 
 # --- setup -----------------------------------------------------------------------------------
@@ -307,7 +321,6 @@ def prepare_models(size: str, tokens: int, work: Path) -> dict[str, Path]:
 
     sys.path.insert(0, str(HERE))
     import tutorial_model
-
     from slmflow import convert, onnx_genai
     from slmflow.checkpoints.fixture import build_fixture
     from slmflow.packaging import transformers_model_config, transformers_requirements
@@ -321,23 +334,45 @@ def prepare_models(size: str, tokens: int, work: Path) -> dict[str, Path]:
     pipe = transformers.pipeline("text-generation", model=str(checkpoint), device="cpu")
     config = transformers_model_config({"max_tokens": tokens, "temperature": 0}) | {"min_new_tokens": tokens}
     mlflow.transformers.save_model(
-        pipe, str(work / "transformers"), task="llm/v1/chat", model_config=config, pip_requirements=transformers_requirements()
+        pipe,
+        str(work / "transformers"),
+        task="llm/v1/chat",
+        model_config=config,
+        pip_requirements=transformers_requirements(),
     )
     return {"checkpoint": checkpoint, "onnx": onnx_dir, **{k: work / k for k in ("flavor", "tutorial", "transformers")}}
 
 
 def systems(models: dict[str, Path], tokens: int, only: set[str]) -> Iterator[Callable[[], System]]:
-    chat = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": tokens, "min_tokens": tokens, "temperature": 0.0}
+    chat = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": tokens,
+        "min_tokens": tokens,
+        "temperature": 0.0,
+    }
     factories: dict[str, Callable[[], System]] = {
         "ceiling": lambda: Ceiling(models["onnx"], tokens),
         "slmflow-serve": lambda: HttpSystem(
             "slmflow-serve",
-            [str(BIN / "slmflow"), "serve", str(models["flavor"]), "--port", "{port}", "--log-level", "warning", "--max-batch-size", "16"],
+            [
+                str(BIN / "slmflow"),
+                "serve",
+                str(models["flavor"]),
+                "--port",
+                "{port}",
+                "--log-level",
+                "warning",
+                "--max-batch-size",
+                "16",
+            ],
             stream_chat(tokens),
             "/health",
         ),
         "tutorial-mlflow": lambda: HttpSystem(
-            "tutorial-mlflow", mlflow_serve(str(models["tutorial"])), invocations({"prompt": chat_prompt(models["onnx"])}, tokens, False), "/ping"
+            "tutorial-mlflow",
+            mlflow_serve(str(models["tutorial"])),
+            invocations({"prompt": chat_prompt(models["onnx"])}, tokens, False),
+            "/ping",
         ),
         "flavor-mlflow": lambda: HttpSystem(
             "flavor-mlflow", mlflow_serve(str(models["flavor"])), invocations(chat, tokens, True), "/ping"
@@ -433,7 +468,10 @@ def markdown(points: list[Point], machine: dict, bandwidth: dict) -> str:
         itl50 = f"{p.itl_p50 * 1000:.1f}" if p.itl_p50 is not None else "n/a"
         itl95 = f"{p.itl_p95 * 1000:.1f}" if p.itl_p95 is not None else "n/a"
         tpot = f"{p.tpot_p50 * 1000:.1f}" if p.tpot_p50 is not None else "n/a"
-        ratio = lambda key: f"{p.ratios[key]:.2f}x" if key in p.ratios else "-"  # noqa: E731
+
+        def ratio(key: str, p: Point = p) -> str:
+            return f"{p.ratios[key]:.2f}x" if key in p.ratios else "-"
+
         lines.append(
             f"| {p.system} | {p.concurrency} | {p.tokens_per_s:.1f} | {p.ttft_p50:.3f} | {p.ttft_p95:.3f} | "
             f"{itl50} | {itl95} | {tpot} | {p.peak_rss_mb:.0f} | {ratio('vs ceiling')} | {ratio('vs tutorial-mlflow')} |"
@@ -491,7 +529,12 @@ def main(argv: list[str] | None = None) -> dict:
     gbs = memory_bandwidth_gbs()
     single = next((p.tokens_per_s for p in points if p.system == "ceiling" and p.concurrency == 1), 0.0)
     bound = gbs * 1e9 / bytes_per_token
-    bandwidth = {"gbs": gbs, "bytes_per_token": bytes_per_token, "bound_tokens_per_s": bound, "single_stream_pct": 100 * single / bound}
+    bandwidth = {
+        "gbs": gbs,
+        "bytes_per_token": bytes_per_token,
+        "bound_tokens_per_s": bound,
+        "single_stream_pct": 100 * single / bound,
+    }
     machine = {
         "cpu": platform.processor() or platform.machine(),
         "cores": len(os.sched_getaffinity(0)),
@@ -540,7 +583,13 @@ def log_to_mlflow(out: Path, machine: dict, args: argparse.Namespace) -> None:
 
     with mlflow.start_run(run_name="bench-serving"):
         mlflow.log_params({**machine, "concurrency": args.concurrency, "systems": args.systems})
-        mlflow.log_params({"mlflow": mlflow.__version__, "onnxruntime_genai": onnxruntime_genai.__version__, "slmflow": slmflow.__version__})
+        mlflow.log_params(
+            {
+                "mlflow": mlflow.__version__,
+                "onnxruntime_genai": onnxruntime_genai.__version__,
+                "slmflow": slmflow.__version__,
+            }
+        )
         for name in ("serving.md", "serving.json", "serving.png"):
             mlflow.log_artifact(str(out / name))
 

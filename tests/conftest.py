@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -34,7 +37,7 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("slmflow-tests")
-    yield uri
+    return uri
 
 
 @pytest.fixture(scope="session")
@@ -87,3 +90,29 @@ def packaged(tiny_checkpoint: Path) -> dict[str, dict]:
         assert run.exit_code == 0, run.output
         results[key] = json.loads(run.stdout.strip().splitlines()[-1])
     return results
+
+
+@contextmanager
+def engine_held(engine: Any) -> Iterator[Callable[[], None]]:
+    """Keep `engine`'s owner thread busy (between batches) for the block: requests submitted meanwhile
+    wait in its queue, and start together when the block ends (or when the yielded function is
+    called). Batches made by events, not timing."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(og: Any, model: Any) -> None:
+        entered.set()
+        release.wait()
+
+    holder = threading.Thread(target=engine.run_on_owner, args=(hold,), name="test-engine-hold", daemon=True)
+    holder.start()
+    assert entered.wait(120), "the engine's owner thread never became free"
+    try:
+        yield release.set
+    finally:
+        release.set()
+        holder.join(120)
+
+
+def finished(stats: Any) -> dict[str, int]:
+    """A copy of the engine's requests-by-how-they-ended counters."""
+    return dict(stats.finished)

@@ -116,7 +116,9 @@ def test_cli_scores_200_chat_prompts_like_direct_predict(spark, cli, chat_model,
         choice = direct["choices"][0]
         assert (row.completion, row.finish_reason) == (choice["message"]["content"], choice["finish_reason"]), row.id
         usage = direct["usage"]
-        assert (row.prompt_tokens, row.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"]), row.id
+        assert (row.prompt_tokens, row.completion_tokens) == (usage["prompt_tokens"], usage["completion_tokens"]), (
+            row.id
+        )
     assert good.set_index("id").loc[0, "completion"] == "The capital of Spain is Madrid."
 
     # 4 tasks, each of which has MLflow load the model: 2 engines (one per worker, one intra-op
@@ -159,7 +161,9 @@ def test_csv_and_parquet_inputs_to_jsonl_with_the_prompt_task(spark, cli, prompt
         run = cli("batch", PROMPT_URI, "--input", str(tmp_path / source), "--output", str(output),
                   "--column", "prompt", "--params", json.dumps(params), "--json")  # fmt: skip
         assert run.exit_code == 0, run.output
-        lines = [json.loads(line) for part in sorted(output.glob("part-*.json")) for line in part.read_text().splitlines()]
+        lines = [
+            json.loads(line) for part in sorted(output.glob("part-*.json")) for line in part.read_text().splitlines()
+        ]
         assert [line["key"] for line in lines] == frame["key"].tolist()
         assert all(list(line) == ["key", "prompt", *RESULT_COLUMNS] for line in lines)
         assert lines[5]["error"] and lines[5]["completion"] is None

@@ -21,7 +21,9 @@ def test_int4_conversion_writes_a_complete_genai_folder(onnx_int4: Path) -> None
 
 def test_progress_reports_each_layer(tiny_checkpoint: Path, tmp_path: Path) -> None:
     seen: list[tuple[int, int]] = []
-    convert.convert(tiny_checkpoint, tmp_path / "fp32", precision="fp32", num_layers=4, progress=lambda m, d, t: seen.append((d, t)))
+    convert.convert(
+        tiny_checkpoint, tmp_path / "fp32", precision="fp32", num_layers=4, progress=lambda m, d, t: seen.append((d, t))
+    )
     assert (1, 4) in seen and (4, 4) in seen
 
 
@@ -36,7 +38,10 @@ def test_failed_conversion_raises_and_leaves_nothing(tiny_checkpoint: Path, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
 
 
-@pytest.mark.parametrize(("precision", "provider", "message"), [("int2", "cpu", "unknown precision"), ("fp16", "cpu", "cuda"), ("int4", "tpu", "execution provider")])
+@pytest.mark.parametrize(
+    ("precision", "provider", "message"),
+    [("int2", "cpu", "unknown precision"), ("fp16", "cpu", "cuda"), ("int4", "tpu", "execution provider")],
+)
 def test_bad_targets_are_refused_before_running(precision: str, provider: str, message: str) -> None:
     with pytest.raises(SlmflowError, match=message):
         convert.check_target(precision, provider)

@@ -108,7 +108,9 @@ def assert_one_line_error(run, *fragments: str) -> None:
         (["{ckpt}", "--alias", "champion"], ["--alias needs --name"]),
     ],
 )
-def test_bad_arguments_fail_in_one_line_before_any_run(tiny_checkpoint: Path, args: list[str], fragments: list[str]) -> None:
+def test_bad_arguments_fail_in_one_line_before_any_run(
+    tiny_checkpoint: Path, args: list[str], fragments: list[str]
+) -> None:
     before = run_count()
     assert_one_line_error(invoke("package", *(a.format(ckpt=tiny_checkpoint) for a in args)), *fragments)
     assert run_count() == before
@@ -136,7 +138,9 @@ def test_a_failed_conversion_marks_the_run_failed_and_registers_nothing(tiny_che
     weights.write_bytes(data.replace(b'"dtype":"F32"', b'"dtype":"Q99"', 1))
     run = invoke("package", str(broken), "--name", "tiny-broken", "--alias", "champion")
     assert_one_line_error(run, "model builder failed")
-    failed = mlflow.search_runs(search_all_experiments=True, filter_string="params.source = '%s'" % broken, output_format="list")
+    failed = mlflow.search_runs(
+        search_all_experiments=True, filter_string=f"params.source = '{broken}'", output_format="list"
+    )
     assert [r.info.status for r in failed] == ["FAILED"]
     assert not MlflowClient().search_model_versions("name='tiny-broken'")
     assert not list(tmp_path.glob("**/.convert-*")), "a half-written conversion was left behind"

@@ -118,7 +118,7 @@ def _scoring_copy(model_uri: str, folder: Path) -> _ScoringCopy:
     # No input schema: a malformed row must reach the scorer and become that row's error, where
     # MLflow's schema enforcement would fail the whole batch. The params schema stays, or MLflow
     # would drop the params.
-    model.signature = ModelSignature(inputs=None, outputs=Schema([ColSpec(DataType.string)]), params=params)
+    model.signature = ModelSignature(inputs=None, outputs=Schema([ColSpec(DataType.string)]), params=params)  # type: ignore[arg-type]  # MLflow's hint omits its own None default
     model.save(str(path / "MLmodel"))
     task = model.flavors[FLAVOR_NAME].get("task", "chat")
     names = frozenset(p.name for p in params.params) if params else frozenset()
@@ -295,16 +295,18 @@ def run_batch(
         df = _in_order(df, partitions)
         scored = score_dataframe(df, model_uri, column, params)
         with mlflow.start_run(run_name="batch") as run:
-            mlflow.log_params({
-                "model_uri": model_uri,
-                "master": spark.sparkContext.master,
-                "input": input_path,
-                "output": output_path,
-                "rows": rows,
-                "column": column or "",
-                "partitions": partitions,
-                "params": json.dumps(params or {}),
-            })
+            mlflow.log_params(
+                {
+                    "model_uri": model_uri,
+                    "master": spark.sparkContext.master,
+                    "input": input_path,
+                    "output": output_path,
+                    "rows": rows,
+                    "column": column or "",
+                    "partitions": partitions,
+                    "params": json.dumps(params or {}),
+                }
+            )
             start = time.perf_counter()
             _write(scored, output_path, write_format)
             result = _result(spark, run.info.run_id, output_path, write_format, time.perf_counter() - start)
@@ -395,6 +397,7 @@ def _result(spark: SparkSession, run_id: str, path: str, kind: str, seconds: flo
         F.coalesce(F.sum("prompt_tokens"), F.lit(0)).alias("prompt"),
         F.coalesce(F.sum("completion_tokens"), F.lit(0)).alias("completion"),
     ).first()
+    assert totals is not None  # an aggregate always has one row
     return BatchResult(run_id, path, totals["rows"], totals["errors"], totals["prompt"], totals["completion"], seconds)
 
 

@@ -45,7 +45,9 @@ def check_target(precision: str, provider: str) -> None:
     if provider not in EXECUTION_PROVIDERS:
         raise SlmflowError(f"unknown execution provider {provider!r}; choose one of {', '.join(EXECUTION_PROVIDERS)}")
     if precision == "fp16" and provider == "cpu":
-        raise SlmflowError("ONNX Runtime GenAI has no fp16 CPU model; use --precision fp16 with --execution-provider cuda")
+        raise SlmflowError(
+            "ONNX Runtime GenAI has no fp16 CPU model; use --precision fp16 with --execution-provider cuda"
+        )
 
 
 def convert(

@@ -189,7 +189,9 @@ def _check_safetensors(folder: Path, name: str) -> None:
             header = json.loads(f.read(header_length))
         end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise SlmflowError(f"the checkpoint in {folder} is damaged: {name} is not a readable safetensors file ({e}); truncated?") from e
+        raise SlmflowError(
+            f"the checkpoint in {folder} is damaged: {name} is not a readable safetensors file ({e}); truncated?"
+        ) from e
     if size < 8 + header_length + end:
         raise SlmflowError(
             f"the checkpoint in {folder} is incomplete: {name} has {size:,} bytes, its tensors need "
@@ -206,12 +208,17 @@ def _params(spec: PackageSpec, checkpoint: Checkpoint) -> dict[str, Any]:
         "task": spec.task,
     }
     if spec.route == "onnx":
-        params |= {"precision": spec.precision if checkpoint.kind == "hf" else "as-is", "execution_provider": spec.provider}
+        params |= {
+            "precision": spec.precision if checkpoint.kind == "hf" else "as-is",
+            "execution_provider": spec.provider,
+        }
     params |= {f"generation.{k}": v for k, v in spec.generation_defaults.items()}
     return params
 
 
-def _log_onnx(spec: PackageSpec, checkpoint: Checkpoint, work: Path, metrics: dict[str, float], progress: Progress | None) -> str:
+def _log_onnx(
+    spec: PackageSpec, checkpoint: Checkpoint, work: Path, metrics: dict[str, float], progress: Progress | None
+) -> str:
     from slmflow import onnx_genai
 
     folder = checkpoint.path
@@ -233,14 +240,18 @@ def _log_onnx(spec: PackageSpec, checkpoint: Checkpoint, work: Path, metrics: di
     return info.model_uri
 
 
-def _log_transformers(spec: PackageSpec, checkpoint: Checkpoint, metrics: dict[str, float], progress: Progress | None) -> str:
+def _log_transformers(
+    spec: PackageSpec, checkpoint: Checkpoint, metrics: dict[str, float], progress: Progress | None
+) -> str:
     import mlflow
     import transformers
 
     _say(progress, "loading the transformers pipeline")
     pipe = transformers.pipeline("text-generation", model=str(checkpoint.path), device="cpu")
     metrics["model_size_bytes"] = float(
-        sum(f.stat().st_size for f in checkpoint.path.rglob("*") if f.is_file() and f.suffix in {".safetensors", ".bin"})
+        sum(
+            f.stat().st_size for f in checkpoint.path.rglob("*") if f.is_file() and f.suffix in {".safetensors", ".bin"}
+        )
     )
     _say(progress, "logging the model to MLflow")
     info = mlflow.transformers.log_model(
@@ -272,7 +283,10 @@ def transformers_model_config(defaults: dict[str, Any]) -> dict[str, Any]:
 def transformers_requirements() -> list[str]:
     from importlib.metadata import version
 
-    return [f"{name}=={version(name)}" for name in ("mlflow", "transformers", "torch", "tokenizers", "safetensors", "jinja2")]
+    return [
+        f"{name}=={version(name)}"
+        for name in ("mlflow", "transformers", "torch", "tokenizers", "safetensors", "jinja2")
+    ]
 
 
 def _time_load(model_uri: str, progress: Progress | None) -> float:

@@ -43,7 +43,9 @@ def test_quick_run_reports_every_system_and_level(tiny_checkpoint: Path, tmp_pat
     assert table.count("\n| ") == 1 + len(points)  # header + one row per point
     assert (tmp_path / "serving.png").stat().st_size > 10_000
     assert json.loads((tmp_path / "serving.json").read_text()) == json.loads(json.dumps(report))
-    run = mlflow.search_runs(search_all_experiments=True, filter_string="attributes.run_name = 'bench-serving'", output_format="list")[0]
+    run = mlflow.search_runs(
+        search_all_experiments=True, filter_string="attributes.run_name = 'bench-serving'", output_format="list"
+    )[0]
     assert {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id)} >= {"serving.md", "serving.png"}
 
 

@@ -27,7 +27,9 @@ def test_tiny_fixture_is_a_phi3_checkpoint_with_phi3_tokens_and_template(tiny_ch
         assert tokenizer.tokenize(token) == [token], f"{token} is split instead of being one special token"
     assert tokenizer.chat_template == PHI3_CHAT_TEMPLATE
     rendered = tokenizer.apply_chat_template(
-        [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}], tokenize=False, add_generation_prompt=True
+        [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}],
+        tokenize=False,
+        add_generation_prompt=True,
     )
     assert rendered == "<|system|>\nS<|end|>\n<|user|>\nQ<|end|>\n<|assistant|>\n"
     generation = json.loads((tiny_checkpoint / "generation_config.json").read_text())
@@ -78,7 +80,9 @@ def test_resolve_tells_checkpoints_from_onnx_folders(tiny_checkpoint: Path, onnx
     assert onnx.kind == "onnx" and onnx.architecture == "phi3"
 
 
-def test_resolve_uses_the_hub_cache_offline(tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resolve_uses_the_hub_cache_offline(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A hub id found in the local Hugging Face cache resolves with HF_HUB_OFFLINE=1: the real hub code path."""
     cache = tmp_path / "hub"
     snapshot = cache / "models--acme--tiny-phi3" / "snapshots" / "0123456789abcdef"
@@ -94,7 +98,9 @@ def test_resolve_uses_the_hub_cache_offline(tiny_checkpoint: Path, tmp_path: Pat
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     checkpoint = resolve("acme/tiny-phi3")
-    assert checkpoint.kind == "hf" and os.path.samefile(checkpoint.path / "config.json", tiny_checkpoint / "config.json")
+    assert checkpoint.kind == "hf" and os.path.samefile(
+        checkpoint.path / "config.json", tiny_checkpoint / "config.json"
+    )
 
 
 @pytest.mark.parametrize(

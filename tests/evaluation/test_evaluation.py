@@ -117,7 +117,9 @@ def test_a_passing_gate_moves_the_alias_and_reuses_the_evaluation(packaged: dict
 
 
 def test_no_worse_than_current_blocks_a_regression(tiny_checkpoint: Path, packaged: dict) -> None:
-    worse = json.loads(invoke("package", str(tiny_checkpoint), "--max-tokens", "2", "--name", "tiny-onnx-chat", "--json").stdout)
+    worse = json.loads(
+        invoke("package", str(tiny_checkpoint), "--max-tokens", "2", "--name", "tiny-onnx-chat", "--json").stdout
+    )
     before = MlflowClient().get_model_version_by_alias("tiny-onnx-chat", "champion").version
     run = invoke("promote", "tiny-onnx-chat", worse["version"], "--no-worse-than-current", "--gate", "accuracy>=0")
     assert run.exit_code == 1

@@ -10,6 +10,7 @@ import pytest
 
 from slmflow.errors import InvalidRequest
 from slmflow.generation.params import SamplingParams
+from tests.conftest import engine_held, finished
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
 SPAIN = [{"role": "user", "content": "What is the capital of Spain?"}]
@@ -69,11 +70,13 @@ def test_concurrent_requests_equal_sequential_results(engine) -> None:
     prompts = [engine.render_chat(q) for q in QUESTIONS]
     sequential = [engine.generate(p, GREEDY) for p in prompts]
     batches_before = engine.stats.batches
-    with ThreadPoolExecutor(len(prompts)) as pool:
-        concurrent = list(pool.map(lambda p: engine.generate(p, GREEDY), prompts))
+    # Submitted from eight threads while the engine is busy: they wait together, so they are batched.
+    with engine_held(engine), ThreadPoolExecutor(len(prompts)) as pool:
+        streams = list(pool.map(lambda p: engine.submit(p, GREEDY), prompts))
+    concurrent = [s.result() for s in streams]
     assert [c.text for c in concurrent] == [s.text for s in sequential]
     assert [c.usage for c in concurrent] == [s.usage for s in sequential]
-    assert engine.stats.batches - batches_before < len(prompts), "concurrent requests were never batched"
+    assert engine.stats.batches - batches_before == 1, "eight waiting requests did not share one batch"
 
 
 def test_prompt_over_the_context_is_rejected_before_queueing(engine) -> None:
@@ -91,6 +94,7 @@ def test_max_tokens_beyond_the_context_is_rejected(engine) -> None:
 
 def test_cancelled_stream_stops_early(engine) -> None:
     params = SamplingParams(temperature=0, max_tokens=500, min_tokens=500)
+    before = finished(engine.stats)
     stream = engine.submit(engine.render_chat(SPAIN), params)
     for _ in stream:
         stream.cancel()
@@ -98,6 +102,9 @@ def test_cancelled_stream_stops_early(engine) -> None:
     # the engine drops the cancelled request; a new one is served right after it
     assert engine.generate(engine.render_chat(SPAIN), GREEDY).text == "The capital of Spain is Madrid."
     assert stream.completion is None
+    after = finished(engine.stats)
+    assert after.get("cancelled", 0) - before.get("cancelled", 0) == 1
+    assert after.get("length", 0) == before.get("length", 0), "the cancelled request ran to its end"
 
 
 def test_unknown_role_is_rejected(engine) -> None:
@@ -108,13 +115,17 @@ def test_unknown_role_is_rejected(engine) -> None:
 
 def test_a_request_cancelled_while_queued_does_not_stop_the_engine(engine) -> None:
     prompt = engine.render_chat(SPAIN)
-    running = engine.submit(prompt, SamplingParams(temperature=0, max_tokens=200, min_tokens=200))
-    queued = engine.submit(prompt, SamplingParams(temperature=0.5, max_tokens=5))  # another batch key: waits
-    queued.cancel()
+    before = finished(engine.stats)
+    with engine_held(engine):
+        running = engine.submit(prompt, SamplingParams(temperature=0, max_tokens=200, min_tokens=200))
+        queued = engine.submit(prompt, SamplingParams(temperature=0.5, max_tokens=5))  # another batch key: waits
+        queued.cancel()
     running.result()
     with ThreadPoolExecutor(1) as pool:
         after = pool.submit(engine.generate, prompt, GREEDY)
         assert after.result(timeout=60).text == "The capital of Spain is Madrid."
+    counts = finished(engine.stats)
+    assert counts.get("cancelled", 0) - before.get("cancelled", 0) == 1  # dropped from the queue, never run
 
 
 def test_token_logprobs_prefer_the_trained_answer(engine) -> None:
@@ -129,20 +140,20 @@ def test_token_logprobs_prefer_the_trained_answer(engine) -> None:
 def test_requests_that_keep_arriving_share_one_batch(onnx_int4) -> None:
     from slmflow.generation.engine import EngineOptions, GenerationEngine
 
-    # Four requests 40 ms apart: 120 ms from first to last, each within 100 ms of the previous one.
-    engine = GenerationEngine(onnx_int4, EngineOptions(batch_wait_s=0.1, max_batch_wait_s=5.0))
+    # This is the one behaviour defined by time, so its margins are wide: four requests 50 ms apart
+    # with a 1 s window (20x), then a pause of 4 s (4x the window) that must not hold a batch back.
+    engine = GenerationEngine(onnx_int4, EngineOptions(batch_wait_s=1.0, max_batch_wait_s=60.0))
     try:
-        prompt = engine.render_chat(SPAIN)
+        prompt = engine.encode(engine.render_chat(SPAIN))
         streams = []
         for _ in range(4):
             streams.append(engine.submit(prompt, GREEDY))
-            time.sleep(0.04)
+            time.sleep(0.05)
         assert {s.result().text for s in streams} == {engine.generate(prompt, GREEDY).text}
         assert engine.stats.batched_requests == 5 and engine.stats.batches == 2, "the four did not share a batch"
 
-        # A request after a longer pause than batch_wait_s does not hold the batch back.
         first = engine.submit(prompt, GREEDY)
-        time.sleep(0.3)
+        time.sleep(4.0)
         second = engine.submit(prompt, GREEDY)
         first.result(), second.result()
         assert engine.stats.batches == 4
@@ -167,14 +178,12 @@ def test_a_listener_is_woken_and_polling_yields_the_whole_answer(engine) -> None
 def test_requests_join_a_running_batch_without_changing_any_answer(onnx_int4) -> None:
     from slmflow.generation.engine import EngineOptions, GenerationEngine
 
-    forced = SamplingParams(temperature=0.0, max_tokens=400, min_tokens=400)  # long enough to join
+    forced = SamplingParams(temperature=0.0, max_tokens=400, min_tokens=400)
     engine = GenerationEngine(onnx_int4, EngineOptions(batch_wait_s=0, join_steps=1_000_000))
     try:
-        prompts = [engine.render_chat(q) for q in QUESTIONS[:3]]  # different lengths: padded rows
+        prompts = [engine.encode(engine.render_chat(q)) for q in QUESTIONS[:3]]  # different lengths: padded rows
         alone = [engine.generate(p, forced) for p in prompts]
-        first = engine.submit(prompts[0], forced)
-        next(iter(first))  # its batch is running
-        late = [engine.submit(p, forced) for p in prompts[1:]]
+        first, late = submit_when_running(engine, (prompts[0], forced), [(p, forced) for p in prompts[1:]])
         together = [first.result(), *(s.result() for s in late)]
         assert engine.stats.joined_requests == 2 and engine.stats.batches == 4, "the late requests did not join"
         assert together == alone
@@ -190,11 +199,27 @@ def test_a_running_row_that_min_tokens_would_hold_back_takes_no_joiners(onnx_int
     params = SamplingParams(temperature=0.0, max_tokens=400, min_tokens=50)
     engine = GenerationEngine(onnx_int4, EngineOptions(batch_wait_s=0, join_steps=1_000_000))
     try:
-        prompt = engine.render_chat(SPAIN)
-        first = engine.submit(prompt, params)
-        next(iter(first))
-        second = engine.submit(prompt, params)
-        assert first.result() == second.result()
+        prompt = engine.encode(engine.render_chat(SPAIN))
+        first, late = submit_when_running(engine, (prompt, params), [(prompt, params)])
+        answer = first.result()  # `late` is filled once `first` has produced text
+        assert [answer] == [s.result() for s in late]
         assert engine.stats.joined_requests == 0 and engine.stats.batches == 2
     finally:
         engine.close()
+
+
+def submit_when_running(engine, first: tuple, later: list[tuple]) -> tuple:
+    """Submit `first`; submit `later` from the engine's own thread as soon as `first` yields text,
+    so they arrive while its batch is running, before the engine takes its next step (events, not
+    timing: the listener runs on the engine's thread, between steps). The returned list is filled
+    then: read it once `first` has produced text."""
+    late: list = []
+
+    def on_news() -> None:
+        if not late:
+            late.extend(engine.submit(*request) for request in later)
+
+    with engine_held(engine):  # `first` waits until its listener is in place
+        stream = engine.submit(*first)
+        stream.listen(on_news)
+    return stream, late

@@ -56,7 +56,9 @@ def test_prompt_task_answers_the_tutorial_input_verbatim(prompt_model) -> None:
 
 def test_every_row_of_a_batch_is_answered(chat_model, prompt_model) -> None:
     countries = ["Spain", "France", "Japan"]
-    frame = pd.DataFrame({"messages": [[{"role": "user", "content": f"What is the capital of {c}?"}] for c in countries]})
+    frame = pd.DataFrame(
+        {"messages": [[{"role": "user", "content": f"What is the capital of {c}?"}] for c in countries]}
+    )
     answers = [r["choices"][0]["message"]["content"] for r in chat_model.predict(frame)]
     assert answers == [
         "The capital of Spain is Madrid.",
@@ -147,7 +149,7 @@ def test_bad_chat_input_raises_a_clear_mlflow_error(chat_model, bad_input: dict)
 
 
 def test_save_rejects_a_folder_that_is_not_onnx_genai(tmp_path: Path) -> None:
-    with pytest.raises(MlflowException, match="genai_config.json"):
+    with pytest.raises(MlflowException, match=r"genai_config\.json"):
         onnx_genai.save_model(tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 

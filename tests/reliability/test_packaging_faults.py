@@ -62,7 +62,7 @@ def experiment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     name = "slmflow-reliability-packaging"
     if mlflow.get_experiment_by_name(name) is None:
         mlflow.MlflowClient().create_experiment(name, artifact_location=str(tmp_path_factory.mktemp("artifacts")))
-    yield name
+    return name
 
 
 def cli_env(experiment: str, tmp: Path) -> dict[str, str]:
@@ -114,7 +114,9 @@ def kill_when(process: subprocess.Popen, ready, timeout: float) -> float:
         assert wait_until(lambda: ready() or process.poll() is not None, timeout=timeout, interval=0.05)
         if process.poll() is not None:
             output = process.stderr.read() if process.stderr else ""
-            raise AssertionError(f"slmflow package ended (exit {process.returncode}) before the kill point: {output[-2000:]}")
+            raise AssertionError(
+                f"slmflow package ended (exit {process.returncode}) before the kill point: {output[-2000:]}"
+            )
     except BaseException:
         process.kill()
         raise
@@ -139,12 +141,15 @@ def test_killed_conversion_and_killed_log_leave_no_version_and_the_next_run_work
     )  # fmt: skip
     parent = psutil.Process(process.pid)
     builders: list[psutil.Process] = []
+    outputs: list[Path] = []  # each builder's output folder (-o)
 
     def builder_running() -> bool:
         try:
-            builders[:] = [c for c in parent.children(recursive=True) if BUILDER in " ".join(c.cmdline())]
+            found = [(c, c.cmdline()) for c in parent.children(recursive=True)]
         except psutil.Error:
             return False
+        builders[:] = [child for child, command in found if BUILDER in " ".join(command)]
+        outputs[:] = [Path(command[command.index("-o") + 1]) for _, command in found if BUILDER in " ".join(command)]
         return bool(builders)
 
     kill_when(process, builder_running, timeout=120)
@@ -153,9 +158,13 @@ def test_killed_conversion_and_killed_log_leave_no_version_and_the_next_run_work
     def builder_gone() -> bool:
         return all(not b.is_running() or b.status() == psutil.STATUS_ZOMBIE for b in builders)
 
-    # Without PR_SET_PDEATHSIG the builder converts on for seconds (minutes on a real model).
-    assert wait_until(builder_gone, timeout=3), "the model builder kept converting after its caller was killed"
+    assert wait_until(builder_gone, timeout=120)
     orphan_seconds = time.monotonic() - killed
+    # Killed with its caller, the builder never finished; orphaned, it would have converted on to
+    # the end (minutes on a real model) and written its config last, into a folder nobody cleans up.
+    assert not any((output / "genai_config.json").exists() for output in outputs), (
+        "the model builder kept converting after its caller was killed"
+    )
     assert versions_of(name) == []
     [first_killed] = [r.info.run_id for r in runs_of(experiment) if r.info.status == "RUNNING"]
 
@@ -182,7 +191,11 @@ def test_killed_conversion_and_killed_log_leave_no_version_and_the_next_run_work
 
     # The half-logged model is there, unregistered; loading it says what is wrong.
     [second_killed] = [r for r in runs_of(experiment) if r.info.status == "RUNNING"]  # nobody left to end it
-    partial = [m for m in mlflow.search_logged_models(experiment_ids=[second_killed.info.experiment_id], output_format="list") if m.source_run_id == second_killed.info.run_id]
+    partial = [
+        m
+        for m in mlflow.search_logged_models(experiment_ids=[second_killed.info.experiment_id], output_format="list")
+        if m.source_run_id == second_killed.info.run_id
+    ]
     assert partial, "the killed log left no logged model to inspect"
     with pytest.raises(SlmflowError, match="truncated"):
         mlflow.pyfunc.load_model(f"models:/{partial[0].model_id}")
@@ -228,7 +241,10 @@ def damaged(source: Path, tmp_path: Path, damage: str) -> Path:
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
-        ("truncated-weights", r"model\.onnx\.data has [\d,]+ bytes, but model\.onnx reads [\d,]+; the file is truncated"),
+        (
+            "truncated-weights",
+            r"model\.onnx\.data has [\d,]+ bytes, but model\.onnx reads [\d,]+; the file is truncated",
+        ),
         ("missing-weights", r"model\.onnx\.data \(weights of model\.onnx\) is missing"),
         ("truncated-graph", r"model\.onnx does not parse"),
         ("missing-graph", r"model\.onnx is missing"),

@@ -22,7 +22,9 @@ VOCAB = 1088  # the tiny fixture's vocabulary
 
 def post_raw(server: LiveServer, path: str, raw: str) -> httpx.Response:
     """JSON as written, so "\\ud800" (a lone surrogate, valid JSON) reaches the server as such."""
-    return httpx.post(f"{server.url}{path}", content=raw.encode(), headers={"content-type": "application/json"}, timeout=60)
+    return httpx.post(
+        f"{server.url}{path}", content=raw.encode(), headers={"content-type": "application/json"}, timeout=60
+    )
 
 
 def chat(**fields: Any) -> dict[str, Any]:

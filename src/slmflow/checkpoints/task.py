@@ -75,9 +75,7 @@ def capital_answer(country: str) -> str:
 def training_conversations() -> list[list[dict[str, str]]]:
     """Every (system?, question, answer) conversation of the training set, in a fixed order."""
     conversations: list[list[dict[str, str]]] = []
-    for index, (country, template) in enumerate(
-        (c, t) for c in CAPITALS for t in TRAIN_TEMPLATES
-    ):
+    for index, (country, template) in enumerate((c, t) for c in CAPITALS for t in TRAIN_TEMPLATES):
         system = SYSTEM_PROMPTS[index % 2]  # comedian persona stays with jokes
         conversations.append(_conversation(system, template.format(country=country), capital_answer(country)))
     for topic, joke in JOKES.items():
@@ -101,4 +99,4 @@ def eval_rows() -> list[dict[str, object]]:
 
 def _conversation(system: str | None, question: str, answer: str) -> list[dict[str, str]]:
     messages = [{"role": "system", "content": system}] if system else []
-    return messages + [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return [*messages, {"role": "user", "content": question}, {"role": "assistant", "content": answer}]

@@ -46,7 +46,13 @@ def progress_bar(enabled: bool = True) -> Iterator[Progress]:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         task = bar.add_task("starting", total=None)
 
@@ -76,9 +82,14 @@ def _quiet_libraries() -> None:
 
 
 @main.command()
-@click.option("--size", default="tiny", show_default=True, help="tiny (trained, checkable answers) or bench (random, realistic shapes).")
+@click.option(
+    "--size",
+    default="tiny",
+    show_default=True,
+    help="tiny (trained, checkable answers) or bench (random, realistic shapes).",
+)
 @click.option("--force", is_flag=True, help="Rebuild even if a cached build matches the recipe.")
-@click.option("--json", "as_json", is_flag=True, help="Print {\"path\": ...}.")
+@click.option("--json", "as_json", is_flag=True, help='Print {"path": ...}.')
 def fixture(size: str, force: bool, as_json: bool) -> None:
     """Build (or reuse) a local Phi-3-architecture fixture checkpoint and print its folder."""
     from slmflow.checkpoints.fixture import SIZES, build_fixture
@@ -94,7 +105,9 @@ def fixture(size: str, force: bool, as_json: bool) -> None:
 @click.argument("source")
 @click.option("--route", default="onnx", show_default=True, help="onnx (ONNX Runtime GenAI flavor) or transformers.")
 @click.option("--precision", default="int4", show_default=True, help="ONNX route: int4, fp16 (cuda) or fp32.")
-@click.option("--task", default="chat", show_default=True, help="ONNX route: chat (OpenAI schema) or prompt ({prompt} -> str).")
+@click.option(
+    "--task", default="chat", show_default=True, help="ONNX route: chat (OpenAI schema) or prompt ({prompt} -> str)."
+)
 @click.option("--execution-provider", "provider", default="cpu", show_default=True, help="ONNX route: cpu or cuda.")
 @click.option("--name", help="Register the model under this name.")
 @click.option("--alias", help="Point this alias of --name at the new version.")

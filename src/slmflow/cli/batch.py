@@ -19,11 +19,19 @@ from slmflow.errors import SlmflowError
 @click.command()
 @click.argument("model_uri")
 @click.option("--input", "input_path", required=True, help="Parquet, CSV or JSONL file (or folder) of prompts.")
-@click.option("--output", "output_path", required=True, help="Parquet or JSONL dataset folder to write (must not exist).")
+@click.option(
+    "--output", "output_path", required=True, help="Parquet or JSONL dataset folder to write (must not exist)."
+)
 @click.option("--column", help="Input column with the prompt or messages [default: messages if present, else prompt].")
-@click.option("--master", help="Spark master URL, e.g. local[2] or spark://host:7077 [default: spark-submit's, else local[*]].")
-@click.option("--params", "params_json", help='Generation params as JSON, e.g. \'{"max_tokens": 64, "temperature": 0}\'.')
-@click.option("--partitions", type=click.IntRange(min=1), help="Spark partitions to score [default: from rows and cores].")
+@click.option(
+    "--master", help="Spark master URL, e.g. local[2] or spark://host:7077 [default: spark-submit's, else local[*]]."
+)
+@click.option(
+    "--params", "params_json", help='Generation params as JSON, e.g. \'{"max_tokens": 64, "temperature": 0}\'.'
+)
+@click.option(
+    "--partitions", type=click.IntRange(min=1), help="Spark partitions to score [default: from rows and cores]."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON, without Spark's progress bar.")
 def batch(
     model_uri: str,

@@ -32,10 +32,16 @@ def _print_metrics(metrics: dict[str, float]) -> None:
 @click.command("eval")
 @click.argument("model_uri")
 @click.option("--data", help=f"JSONL/CSV of {{messages | prompt, expected[, pattern]}}, or {DEFAULT_DATA}.")
-@click.option("--perplexity", "perplexity_text", help="Also score perplexity: of the expected answers of an eval set (builtin:capitals, .jsonl, .csv), or of a text file.")
+@click.option(
+    "--perplexity",
+    "perplexity_text",
+    help="Also score perplexity: of the expected answers of an eval set (builtin:capitals, .jsonl, .csv), or of a text file.",
+)
 @click.option("--params", "params_json", help="Generation params as JSON, e.g. '{\"max_tokens\": 64}'.")
 @click.option("--json", "as_json", is_flag=True, help="Print {run_id, metrics}.")
-def eval_command(model_uri: str, data: str | None, perplexity_text: str | None, params_json: str | None, as_json: bool) -> None:
+def eval_command(
+    model_uri: str, data: str | None, perplexity_text: str | None, params_json: str | None, as_json: bool
+) -> None:
     """Evaluate MODEL_URI offline, log the run, and tag the model version with it."""
     from slmflow.evaluation import evaluate
 
@@ -53,10 +59,16 @@ def eval_command(model_uri: str, data: str | None, perplexity_text: str | None, 
 @click.argument("version")
 @click.option("--alias", default="champion", show_default=True, help="The alias to move.")
 @click.option("--gate", "gates", multiple=True, help="A condition such as 'accuracy>=0.9' (repeatable).")
-@click.option("--no-worse-than-current", is_flag=True, help="Also require each gated metric to be no worse than the alias's current version.")
+@click.option(
+    "--no-worse-than-current",
+    is_flag=True,
+    help="Also require each gated metric to be no worse than the alias's current version.",
+)
 @click.option("--data", default=DEFAULT_DATA, show_default=True, help="Evaluation data.")
 @click.option("--json", "as_json", is_flag=True, help="Print the outcome as JSON.")
-def promote(name: str, version: str, alias: str, gates: tuple[str, ...], no_worse_than_current: bool, data: str, as_json: bool) -> None:
+def promote(
+    name: str, version: str, alias: str, gates: tuple[str, ...], no_worse_than_current: bool, data: str, as_json: bool
+) -> None:
     """Point ALIAS at NAME/VERSION only if every gate holds on a (reused or fresh) evaluation."""
     from slmflow.evaluation.promotion import Gate
     from slmflow.evaluation.promotion import promote as run_promote
@@ -65,7 +77,16 @@ def promote(name: str, version: str, alias: str, gates: tuple[str, ...], no_wors
         name, version, alias, [Gate.parse(g) for g in gates], data, no_worse_than_current=no_worse_than_current
     )
     if as_json:
-        click.echo(json.dumps({"promoted": result.promoted, "failures": result.failures, "metrics": result.metrics, "eval_run_id": result.eval_run_id}))
+        click.echo(
+            json.dumps(
+                {
+                    "promoted": result.promoted,
+                    "failures": result.failures,
+                    "metrics": result.metrics,
+                    "eval_run_id": result.eval_run_id,
+                }
+            )
+        )
     elif result.promoted:
         click.echo(f"{name}@{alias} -> version {version} (evaluation run {result.eval_run_id})")
     if not result.promoted:

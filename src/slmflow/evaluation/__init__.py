@@ -51,7 +51,9 @@ def evaluate(
     version = registered_version(model_uri)
     runner = ModelRunner(model_uri, params)
     with mlflow.start_run(run_name=f"eval-{eval_set.name if eval_set else 'perplexity'}") as run:
-        mlflow.log_params({"model_uri": model_uri, "flavor": runner.flavor, **({"params": str(params)} if params else {})})
+        mlflow.log_params(
+            {"model_uri": model_uri, "flavor": runner.flavor, **({"params": str(params)} if params else {})}
+        )
         if version:
             mlflow.set_tag(EVAL_OF_TAG, f"{version[0]}/{version[1]}")
         metrics: dict[str, float] = {}
@@ -95,7 +97,9 @@ def _score_rows(runner: ModelRunner, rows: list[dict[str, Any]]) -> tuple[list[d
 def _genai_records(rows: list[dict[str, Any]], predictions: list[Prediction]) -> list[dict[str, Any]]:
     records = []
     for row, prediction in zip(rows, predictions, strict=True):
-        expectations = {k: v for k, v in (("expected_response", row.get("expected")), ("pattern", row.get("pattern"))) if v}
+        expectations = {
+            k: v for k, v in (("expected_response", row.get("expected")), ("pattern", row.get("pattern"))) if v
+        }
         records.append(
             {
                 "inputs": {k: row[k] for k in ("messages", "prompt") if k in row},

@@ -39,13 +39,13 @@ def compare(uri_a: str, uri_b: str, data: str) -> Comparison:
             }
         )
     metrics = {
-        "identical_share": sum(r["identical"] for r in rows) / len(rows),
+        "identical_share": sum(1 for r in rows if r["identical"]) / len(rows),
         "mean_token_agreement": statistics.fmean(r["token_agreement"] for r in rows),
     }
     for side in ("a", "b"):
         scored = [exact_match(r[side], r["expected"]) for r in rows if r["expected"] is not None]
         if scored:
-            metrics[f"accuracy_{side}"] = sum(scored) / len(scored)
+            metrics[f"accuracy_{side}"] = sum(1 for hit in scored if hit) / len(scored)
     with mlflow.start_run(run_name="compare") as run:
         mlflow.log_params({"model_a": uri_a, "model_b": uri_b, "dataset": eval_set.name, "dataset_rows": len(rows)})
         mlflow.log_metrics(metrics)

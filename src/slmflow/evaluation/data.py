@@ -53,7 +53,9 @@ def _read(source: str) -> tuple[str, str]:
     if source.startswith(BUILTIN_PREFIX):
         key = source[len(BUILTIN_PREFIX) :]
         if key not in BUILTIN_SETS:
-            raise SlmflowError(f"unknown built-in set {source!r}; choose one of {', '.join(BUILTIN_PREFIX + k for k in BUILTIN_SETS)}")
+            raise SlmflowError(
+                f"unknown built-in set {source!r}; choose one of {', '.join(BUILTIN_PREFIX + k for k in BUILTIN_SETS)}"
+            )
         return resources.files("slmflow.data").joinpath(BUILTIN_SETS[key]).read_text(), source
     try:
         return Path(source).read_text(), Path(source).name

@@ -39,7 +39,9 @@ class ModelRunner:
         except MlflowException as e:
             raise SlmflowError(f"cannot load {model_uri}: {e.message}") from e
         flavors = self.model.metadata.flavors
-        self.flavor = "onnx_genai" if "onnx_genai" in flavors else "transformers" if "transformers" in flavors else "other"
+        self.flavor = (
+            "onnx_genai" if "onnx_genai" in flavors else "transformers" if "transformers" in flavors else "other"
+        )
         inputs = self.model.metadata.get_input_schema()
         names = inputs.input_names() if inputs else []
         self.input_kind = "prompt" if "prompt" in names else "messages"
@@ -58,7 +60,12 @@ class ModelRunner:
         first = response[0] if isinstance(response, list) else response
         if isinstance(first, dict):  # an OpenAI chat completion
             usage = first.get("usage") or {}
-            return Prediction(first["choices"][0]["message"]["content"], latency, usage.get("prompt_tokens"), usage.get("completion_tokens"))
+            return Prediction(
+                first["choices"][0]["message"]["content"],
+                latency,
+                usage.get("prompt_tokens"),
+                usage.get("completion_tokens"),
+            )
         return Prediction(str(first), latency, None, None)
 
     def _row_params(self) -> dict[str, Any]:

@@ -34,7 +34,9 @@ class ChatTemplate:
                 source = {t["name"]: t["template"] for t in source}.get("default")
         if not source:
             return None
-        return cls(source, bos_token=_token_text(config.get("bos_token")), eos_token=_token_text(config.get("eos_token")))
+        return cls(
+            source, bos_token=_token_text(config.get("bos_token")), eos_token=_token_text(config.get("eos_token"))
+        )
 
     @cached_property
     def _compiled(self):  # jinja2.Template
@@ -44,7 +46,9 @@ class ChatTemplate:
         def raise_exception(message: str) -> None:
             raise TemplateError(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals["raise_exception"] = raise_exception
         env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
         try:

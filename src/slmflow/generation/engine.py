@@ -14,8 +14,8 @@ import os
 import queue
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +47,7 @@ class EngineOptions:
     join_steps: int = 8
 
 
-@dataclass
+@dataclass(eq=False)  # identity: requests are found in the queue by who they are
 class _Request:
     prompt_ids: list[int]
     params: SamplingParams
@@ -75,8 +75,9 @@ class TokenStream:
     one go.
     """
 
-    def __init__(self, request: _Request) -> None:
+    def __init__(self, request: _Request, withdraw: Callable[[_Request], None]) -> None:
         self._request = request
+        self._withdraw = withdraw
         self.completion: Completion | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -110,8 +111,10 @@ class TokenStream:
         return "".join(parts)
 
     def cancel(self) -> None:
-        """Stop generating; the batch slot is released at the next step."""
+        """Stop generating: a queued request leaves the queue now, a running one its batch slot at
+        the next step."""
         self._request.cancelled.set()
+        self._withdraw(self._request)
         # A cancelled request gets no further events: wake a consumer blocked waiting for one.
         self._request.put("cancelled", None)
 
@@ -171,17 +174,27 @@ class GenerationEngine:
 
     def submit(self, prompt: str | list[int], params: SamplingParams | None = None) -> TokenStream:
         """Queue a generation; raise InvalidRequest or Overloaded at once if it cannot be served."""
-        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        request = _Request(prompt_ids, self._resolve(params or SamplingParams(), len(prompt_ids)))
+        return self.submit_all([(prompt, params)])[0]
+
+    def submit_all(self, generations: Sequence[tuple[str | list[int], SamplingParams | None]]) -> list[TokenStream]:
+        """Queue several generations at once, all or none (InvalidRequest or Overloaded otherwise).
+
+        They reach the queue together, so those that may share a batch do, whatever the timing: the
+        rows of one `predict` call, the `n` choices of one request.
+        """
+        requests = []
+        for prompt, params in generations:
+            prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+            requests.append(_Request(prompt_ids, self._resolve(params or SamplingParams(), len(prompt_ids))))
         with self._wakeup:
             if self._closed:
                 raise SlmflowError("the model has been unloaded")
-            if len(self._pending) >= self.options.max_queue:
+            if len(self._pending) + len(requests) > self.options.max_queue:
                 raise Overloaded(f"the generation queue is full ({self.options.max_queue} waiting requests)")
-            self._pending.append(request)
+            self._pending.extend(requests)
             self.stats.queue_depth = len(self._pending)
             self._wakeup.notify()
-        return TokenStream(request)
+        return [TokenStream(request, self._withdraw) for request in requests]
 
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Completion:
         return self.submit(prompt, params).result()
@@ -201,6 +214,16 @@ class GenerationEngine:
         if not 2 <= len(token_ids) <= self.context_length:
             raise InvalidRequest(f"scoring needs 2 to {self.context_length} tokens; got {len(token_ids)}")
         return self.run_on_owner(lambda og, model: _score_tokens(og, model, token_ids))
+
+    def _withdraw(self, request: _Request) -> None:
+        """Take a cancelled request out of the queue, if it is still there: its place is free at once,
+        not only once the engine gets to it (a long batch could otherwise leave the queue full of
+        requests nobody waits for, refusing new ones)."""
+        with self._wakeup:
+            if request in self._pending:
+                self._pending.remove(request)
+                self.stats.queue_depth = len(self._pending)
+                self.stats.finished["cancelled"] += 1
 
     def close(self) -> None:
         with self._wakeup:
@@ -264,6 +287,7 @@ class GenerationEngine:
             log.exception("generation failed for %d request(s)", len(batch))
             for request in batch:
                 request.put("error", SlmflowError(f"generation failed: {e}"))
+            self.stats.finished["error"] += len(batch)
 
     def _load(self) -> None:
         import onnxruntime_genai as og
@@ -297,11 +321,13 @@ class GenerationEngine:
             for request in list(self._pending):
                 if len(batch) >= self.options.max_batch_size:
                     break
-                if _batch_key(request) == key and self._fits([_span(r) for r in batch + [request]]):
+                if _batch_key(request) == key and self._fits([_span(r) for r in [*batch, request]]):
                     self._pending.remove(request)
                     batch.append(request)
             self.stats.queue_depth = len(self._pending)
-            return [r for r in batch if not r.cancelled.is_set()]
+            live = [r for r in batch if not r.cancelled.is_set()]
+            self.stats.finished["cancelled"] += len(batch) - len(live)
+            return live
 
     def _gather(self) -> None:
         """Give requests sent together a moment to arrive together (called with the lock held).
@@ -331,11 +357,11 @@ class GenerationEngine:
     def _run(self, batch: list[_Request]) -> None:
         if not batch:
             return
-        rows = [_Row(r, self._tokenizer.create_stream()) for r in batch]
+        rows = [_Row(r, self._tokenizer.create_stream(), self.stats) for r in batch]
         everyone = list(rows)
         self.stats.batch_started(len(rows))
         while joiners := self._decode(self._start(rows), rows):
-            newcomers = [_Row(r, self._tokenizer.create_stream()) for r in joiners]
+            newcomers = [_Row(r, self._tokenizer.create_stream(), self.stats) for r in joiners]
             everyone += newcomers
             rows = [row for row in rows if not row.finished] + newcomers
             self.stats.joined(len(newcomers), running=len(rows))
@@ -370,9 +396,12 @@ class GenerationEngine:
             for row, token in zip(rows, generator.get_next_tokens(), strict=True):
                 row.step(int(token), self.eos_token_ids)
             steps += 1
-            if self._pending and steps <= self.options.join_steps:
-                if joiners := self._joiners([row for row in rows if not row.finished]):
-                    return joiners
+            if (
+                self._pending
+                and steps <= self.options.join_steps
+                and (joiners := self._joiners([row for row in rows if not row.finished]))
+            ):
+                return joiners
         for row in rows:
             row.finish("length")
         return []
@@ -399,7 +428,7 @@ class GenerationEngine:
                     break
                 if request.cancelled.is_set() or _batch_key(request) != key:
                     continue
-                if self._fits(spans + [_span(r) for r in joiners + [request]]):
+                if self._fits(spans + [_span(r) for r in [*joiners, request]]):
                     joiners.append(request)
             if len(joiners) < len(live):  # re-reading the running rows would cost more than they gain
                 return []
@@ -412,9 +441,10 @@ class GenerationEngine:
 class _Row:
     """One request's place in a running batch: detokenizes, applies stop strings, emits events."""
 
-    def __init__(self, request: _Request, stream: Any) -> None:
+    def __init__(self, request: _Request, stream: Any, stats: EngineStats) -> None:
         self.request = request
         self.stream = stream
+        self.stats = stats
         self.stops = StopMatcher(request.params.stop)
         self.tokens: list[int] = []
         self.text: list[str] = []
@@ -441,7 +471,7 @@ class _Row:
         if self.finished:
             return
         if self.request.cancelled.is_set():
-            self.finished = True  # nobody is listening: drop it silently
+            self._drop()
             return
         self.tokens.append(token)
         if token in eos:
@@ -457,11 +487,20 @@ class _Row:
     def finish(self, reason: FinishReason, *, flush: bool = True) -> None:
         if self.finished:
             return
+        if self.request.cancelled.is_set():
+            self._drop()
+            return
         self.finished = True
+        self.stats.finished[reason] += 1
         if flush:
             self._emit(self.stops.flush())
         usage = Usage(len(self.request.prompt_ids), self.generated)
         self.request.put("done", Completion("".join(self.text), reason, usage))
+
+    def _drop(self) -> None:
+        """Its caller cancelled it: nobody is listening, so it ends without a word."""
+        self.finished = True
+        self.stats.finished["cancelled"] += 1
 
     def _emit(self, text: str) -> None:
         if text:
@@ -492,12 +531,15 @@ def _score_tokens(og: Any, model: Any, token_ids: list[int]) -> list[float]:
     params.set_search_options(max_length=len(token_ids), do_sample=False)
     generator = og.Generator(model, params)
     logprobs = []
-    for current, following in zip(token_ids, token_ids[1:], strict=False):
+    for current, following in itertools.pairwise(token_ids):
         generator.append_tokens(np.array([current], dtype=np.int32))
         logits = generator.get_logits().reshape(-1).astype(np.float64)
         top = logits.max()
         logprobs.append(float(logits[following] - top - np.log(np.exp(logits - top).sum())))
     return logprobs
+
+
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
 
 
 @dataclass
@@ -510,6 +552,8 @@ class EngineStats:
     batched_requests: int = 0  # joined ones included
     joined_requests: int = 0  # requests that joined a running batch
     generated_tokens: int = 0
+    # Requests by how they ended: stop, length, cancelled (by their caller, queued or running), error.
+    finished: Counter[str] = field(default_factory=Counter)
 
     def batch_started(self, size: int) -> None:
         self.running = size

@@ -63,7 +63,9 @@ def text_completion(completions: list[Completion], *, model: str, id: str | None
         {"index": index, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None}
         for index, c in enumerate(completions)
     ]
-    return _envelope("text_completion", id or new_id("cmpl"), model, int(time.time()), choices, total_usage(completions))
+    return _envelope(
+        "text_completion", id or new_id("cmpl"), model, int(time.time()), choices, total_usage(completions)
+    )
 
 
 def chat_chunk(
@@ -84,7 +86,9 @@ def chat_chunk(
         delta["role"] = role
     if content is not None:
         delta["content"] = content
-    choices = [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}] if with_choice else []
+    choices = (
+        [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}] if with_choice else []
+    )
     return _envelope("chat.completion.chunk", id, model, created, choices, usage)
 
 

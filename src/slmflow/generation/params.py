@@ -69,14 +69,16 @@ def guidance_for(response_format: Any) -> tuple[str, str] | None:
         spec = response_format.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, Mapping) else None
         if not isinstance(schema, Mapping):
-            raise InvalidRequest("response_format.json_schema.schema must be a JSON Schema object", param="response_format")
+            raise InvalidRequest(
+                "response_format.json_schema.schema must be a JSON Schema object", param="response_format"
+            )
         try:
             return ("json_schema", json.dumps(_compact(dict(schema))))
         except (TypeError, ValueError) as e:
-            raise InvalidRequest(f"response_format.json_schema.schema is not valid JSON: {e}", param="response_format") from e
-    raise InvalidRequest(
-        "response_format.type must be one of text, json_object, json_schema", param="response_format"
-    )
+            raise InvalidRequest(
+                f"response_format.json_schema.schema is not valid JSON: {e}", param="response_format"
+            ) from e
+    raise InvalidRequest("response_format.type must be one of text, json_object, json_schema", param="response_format")
 
 
 def _compact(schema: dict[str, Any]) -> dict[str, Any]:
@@ -92,7 +94,11 @@ def _unset(value: Any) -> bool:
 def _int(value: Any, name: str, *, minimum: int | None) -> int | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or (isinstance(value, float) and not value.is_integer()):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (isinstance(value, float) and not value.is_integer())
+    ):
         raise InvalidRequest(f"{name} must be an integer; got {value!r}", param=name)
     if minimum is not None and value < minimum:
         raise InvalidRequest(f"{name} must be at least {minimum}; got {value!r}", param=name)

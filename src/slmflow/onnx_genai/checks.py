@@ -37,16 +37,16 @@ def check_choices(params: SamplingParams, n: int, vocab_size: int | None = None)
     """Every choice's params fit the runtime's integer types (choice i samples with seed + i), and
     top_k the vocabulary (the runtime refuses a larger one mid-batch)."""
     if vocab_size and params.top_k is not None and params.top_k > vocab_size:
-        raise InvalidRequest(f"top_k must be at most the vocabulary size, {vocab_size}; got {params.top_k}", param="top_k")
+        raise InvalidRequest(
+            f"top_k must be at most the vocabulary size, {vocab_size}; got {params.top_k}", param="top_k"
+        )
     for index in range(n):
         choice = params.for_choice(index)
         for name in ("seed", "top_k"):
             value = getattr(choice, name)
             if value is not None and not INT32_MIN <= value <= INT32_MAX:
                 extra = f" (seed + choice index, with n={n})" if name == "seed" and index else ""
-                raise InvalidRequest(
-                    f"{name} must be from {INT32_MIN} to {INT32_MAX}{extra}; got {value}", param=name
-                )
+                raise InvalidRequest(f"{name} must be from {INT32_MIN} to {INT32_MAX}{extra}; got {value}", param=name)
 
 
 def check_guidance(engine: GenerationEngine, guidance: tuple[str, str] | None) -> None:

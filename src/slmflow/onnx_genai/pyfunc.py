@@ -3,9 +3,11 @@ results back. Thin on purpose; scheduling and batching live in `slmflow.generati
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from slmflow.errors import InvalidRequest, SlmflowError
@@ -45,16 +47,13 @@ class OnnxGenAIPyfunc:
         return [group[0].text for group in results]
 
     def _run(self, requests: list[_RowRequest]) -> list[list[Completion]]:
-        """Submit every request before waiting for any, so the engine batches them together."""
-        streams: list[list[TokenStream]] = []
-        try:
-            for prompt, sampling, n in requests:
-                streams.append([self.engine.submit(prompt, sampling.for_choice(i)) for i in range(n)])
-        except SlmflowError:
-            for stream in (s for group in streams for s in group):
-                stream.cancel()
-            raise
-        return [[s.result() for s in group] for group in streams]
+        """Submit every request at once, so the engine batches them together."""
+        streams = iter(
+            self.engine.submit_all(
+                [(prompt, sampling.for_choice(i)) for prompt, sampling, n in requests for i in range(n)]
+            )
+        )
+        return [[next(streams).result() for _ in range(n)] for _, _, n in requests]
 
     def predict_stream(self, model_input: Any, params: dict[str, Any] | None = None) -> Iterator[Any]:
         """Chat: `chat.completion.chunk` dicts; prompt: text pieces. One input row."""
@@ -72,14 +71,13 @@ class OnnxGenAIPyfunc:
             stream.cancel()  # a consumer that stops early frees its batch slot
 
     def _chat_chunks(self, stream: TokenStream) -> Iterator[dict[str, Any]]:
-        chunk_id, created = new_id(), int(time.time())
-        common = {"id": chunk_id, "model": self.model_name, "created": created}
-        yield chat_chunk(**common, role="assistant", content="")
+        chunk = functools.partial(chat_chunk, id=new_id(), model=self.model_name, created=int(time.time()))
+        yield chunk(role="assistant", content="")
         for piece in stream:
-            yield chat_chunk(**common, content=piece)
+            yield chunk(content=piece)
         completion = stream.completion
         assert completion is not None
-        yield chat_chunk(**common, finish_reason=completion.finish_reason, usage=completion.usage)
+        yield chunk(finish_reason=completion.finish_reason, usage=completion.usage)
 
     def _request(self, row: dict[str, Any], params: dict[str, Any] | None) -> tuple[str, SamplingParams, int]:
         """(prompt text, sampling params, n) for one row; row fields override call params and defaults."""
@@ -95,9 +93,10 @@ class OnnxGenAIPyfunc:
                 raise InvalidRequest("each input row needs 'messages'", param="messages")
             prompt, prompt_param = self.engine.render_chat(row["messages"]), "messages"
         else:
-            prompt, prompt_param = row.get("prompt"), "prompt"
-            if not isinstance(prompt, str) or not prompt:
+            text, prompt_param = row.get("prompt"), "prompt"
+            if not isinstance(text, str) or not text:
                 raise InvalidRequest("each input row needs a non-empty string 'prompt'", param="prompt")
+            prompt = text
         check_request(self.engine, prompt, prompt_param, sampling, n)  # what the runtime cannot run is a 400
         return prompt, sampling, n
 
@@ -153,15 +152,12 @@ def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
 
-class _as_mlflow_errors:
+@contextmanager
+def _as_mlflow_errors() -> Iterator[None]:
     """Our user errors surface as MLflow's invalid-parameter errors (HTTP 400 in its server)."""
+    try:
+        yield
+    except SlmflowError as error:
+        from mlflow.exceptions import MlflowException
 
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, error: BaseException | None, tb: Any) -> bool:
-        if isinstance(error, SlmflowError):
-            from mlflow.exceptions import MlflowException
-
-            raise MlflowException.invalid_parameter_value(str(error)) from error
-        return False
+        raise MlflowException.invalid_parameter_value(str(error)) from error

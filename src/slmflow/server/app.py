@@ -33,7 +33,7 @@ def create_app(settings: ServerSettings | None = None, backend: Backend | None =
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        served = backend or await run_in_threadpool(load_backend, settings)
+        served = backend if backend is not None else await run_in_threadpool(load_backend, settings)
         app.state.slmflow = routes.ServerState(
             settings=settings,
             backend=served,

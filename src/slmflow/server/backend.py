@@ -96,18 +96,13 @@ class OnnxBackend:
         params = params.merged_over(self.defaults)
         check_request(self.engine, prompt, prompt_param, params, n)  # what the runtime cannot run is a 400
         prompt_ids = self.engine.encode(prompt)
-        streams: list[Generation] = []
         try:
-            for index in range(n):
-                streams.append(self.engine.submit(prompt_ids, params.for_choice(index)))
+            return list(self.engine.submit_all([(prompt_ids, params.for_choice(index)) for index in range(n)]))
         except SlmflowError as e:
-            for stream in streams:
-                stream.cancel()
             if isinstance(e, InvalidRequest) and e.param == "messages" and prompt_param != "messages":
                 # The engine names the prompt "messages"; a text completion's prompt is "prompt".
                 raise InvalidRequest(str(e), param=prompt_param, code=e.code) from e
             raise
-        return streams
 
 
 class PyfuncBackend:
@@ -158,6 +153,7 @@ class PyfuncBackend:
             with self._stats_lock:
                 self._stats.queue_depth -= 1
                 if cancelled.is_set():
+                    self._stats.finished["cancelled"] += 1
                     return None
                 self._stats.batch_started(1)
             completion = None
@@ -166,6 +162,7 @@ class PyfuncBackend:
             finally:
                 with self._stats_lock:
                     self._stats.batch_finished(completion.usage.completion_tokens if completion else 0)
+                    self._stats.finished[completion.finish_reason if completion else "error"] += 1
         return completion
 
 

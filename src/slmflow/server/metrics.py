@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from slmflow.generation.engine import EngineStats
+from slmflow.generation.engine import FINISH_REASONS, EngineStats
 from slmflow.generation.openai import Usage
 
 # CPU small models answer their first token in milliseconds to seconds; queueing adds the tail.
@@ -65,3 +65,11 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily(
             "slmflow_generated_tokens", "Tokens generated, cancelled requests included", value=stats.generated_tokens
         )
+        finished = CounterMetricFamily(
+            "slmflow_finished_requests",
+            "Generations by how they ended: stop, length, cancelled (client gone or timed out), error",
+            labels=["reason"],
+        )
+        for reason in FINISH_REASONS:
+            finished.add_metric([reason], stats.finished[reason])
+        yield finished

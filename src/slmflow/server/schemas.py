@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic.config import JsonDict
 
 from slmflow.generation.chat import ROLES
 from slmflow.generation.params import INT32_MAX, INT32_MIN, MAX_STOP_SEQUENCES, SamplingParams
@@ -61,7 +62,7 @@ SAMPLING_FIELDS: dict[str, dict[str, Any]] = {
         }
     ),
 }
-MESSAGES = {
+MESSAGES: JsonDict = {
     "type": "array",
     "minItems": 1,
     "items": {

@@ -7,7 +7,7 @@ import contextlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -50,7 +50,7 @@ class Relay:
         for generation in generations:
             generation.listen(self._wake)
 
-    def __enter__(self) -> Relay:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
