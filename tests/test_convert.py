@@ -39,15 +39,44 @@ def test_failed_conversion_raises_and_leaves_nothing(tiny_checkpoint: Path, tmp_
 
 
 @pytest.mark.parametrize(
-    ("precision", "provider", "message"),
-    [("int2", "cpu", "unknown precision"), ("fp16", "cpu", "cuda"), ("int4", "tpu", "execution provider")],
+    ("precision", "provider", "quantization", "message"),
+    [
+        ("int2", "cpu", None, "unknown precision"),
+        ("fp16", "cpu", None, "cuda"),
+        ("bf16", "cpu", None, "cuda"),
+        ("int4", "tpu", None, "execution provider"),
+        ("fp32", "cpu", convert.Quantization(block_size=32), "apply to int4 and int8"),
+        ("int4", "cpu", convert.Quantization(algorithm="gptq"), "unknown quantization algorithm"),
+        ("int4", "cpu", convert.Quantization(block_size=48), "block size"),
+        ("int8", "cpu", convert.Quantization(accuracy_level=5), "accuracy level"),
+        ("int4", "cpu", convert.Quantization(extra=("nodes_to_exclude",)), "KEY=VALUE"),
+    ],
 )
-def test_bad_targets_are_refused_before_running(precision: str, provider: str, message: str) -> None:
+def test_bad_targets_are_refused_before_running(
+    precision: str, provider: str, quantization: convert.Quantization | None, message: str
+) -> None:
     with pytest.raises(SlmflowError, match=message):
-        convert.check_target(precision, provider)
+        convert.check_target(precision, provider, quantization)
 
 
-def test_builder_command_uses_128_wide_int4_blocks(tmp_path: Path) -> None:
-    command = convert.builder_command(tmp_path, tmp_path / "o", "int4", "cpu", tmp_path / "c")
-    assert command[-2:] == ["--extra_options", "block_size=128"]
-    assert "--extra_options" not in convert.builder_command(tmp_path, tmp_path / "o", "fp32", "cpu", tmp_path / "c")
+def test_builder_command_carries_the_precision_and_its_recipe(tmp_path: Path) -> None:
+    def options(precision: str, quantization: convert.Quantization | None = None) -> list[str]:
+        command = convert.builder_command(tmp_path, tmp_path / "o", precision, "cpu", tmp_path / "c", quantization)
+        assert command[command.index("-p") + 1] == precision
+        return command[command.index("--extra_options") + 1 :] if "--extra_options" in command else []
+
+    # int4 by default: k_quant, block 32, LM head and sensitive layers int8 (the measured best).
+    assert options("int4") == [
+        "algo_config=k_quant",
+        "block_size=32",
+        "matmul_mixed_precision=last_matmul:int8,mixed_layers:int8",
+    ]
+    assert options("int8") == [] and options("fp32") == []  # the builder's own defaults
+    custom = convert.Quantization(algorithm="rtn", block_size=128, accuracy_level=1, symmetric=False, extra=("a=b",))
+    assert options("int4", custom) == [
+        "algo_config=rtn",
+        "block_size=128",
+        "accuracy_level=1",
+        "is_symmetric=false",
+        "a=b",
+    ]

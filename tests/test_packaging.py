@@ -27,7 +27,9 @@ def run_count() -> int:
 
 def test_json_output_names_run_uri_and_version(packaged: dict) -> None:
     for key, result in packaged.items():
-        assert set(result) == {"run_id", "model_uri", "registered_name", "version"}
+        assert set(result) == {"run_id", "model_uri", "registered_name", "version", "quality"}
+        # The ONNX route measures what the conversion cost; the transformers route converts nothing.
+        assert (result["quality"] is None) == (key == "transformers-chat")
         assert result["registered_name"] == f"tiny-{key}"
         assert result["model_uri"].startswith("models:/")
         alias = MlflowClient().get_model_version_by_alias(result["registered_name"], "champion")
@@ -38,10 +40,27 @@ def test_onnx_run_records_params_and_metrics(packaged: dict, tiny_checkpoint: Pa
     run = MlflowClient().get_run(packaged["onnx-chat"]["run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["source"] == str(tiny_checkpoint)
-    assert run.data.params["route"] == "onnx" and run.data.params["precision"] == "int4"
+    assert run.data.params["route"] == "onnx" and run.data.params["precision"] == "int8"  # the default
+    assert run.data.params["quantization"] == "builder defaults"
     assert run.data.params["task"] == "chat" and run.data.params["architecture"] == "Phi3ForCausalLM"
-    for metric in ("conversion_seconds", "model_size_bytes", "load_seconds"):
+    for metric in ("conversion_seconds", "model_size_bytes", "load_seconds", "quality_seconds"):
         assert run.data.metrics[metric] > 0
+    quality = {k: v for k, v in run.data.metrics.items() if k.startswith("quality.")}
+    assert set(quality) == {
+        "quality.perplexity_source",
+        "quality.perplexity",
+        "quality.perplexity_increase_pct",
+        "quality.top1_agreement",
+        "quality.greedy_agreement",
+    }
+    assert quality["quality.perplexity"] > 1 and quality["quality.perplexity_source"] > 1
+    assert quality["quality.perplexity_increase_pct"] == pytest.approx(
+        100 * (quality["quality.perplexity"] / quality["quality.perplexity_source"] - 1)
+    )
+    assert 0 <= quality["quality.greedy_agreement"] <= 1 and 0 < quality["quality.top1_agreement"] <= 1
+    assert packaged["onnx-chat"]["quality"]["perplexity"] == quality["quality.perplexity"]
+    report = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/quality.json")
+    assert len(report["answers"]) == report["prompts"] == 20
 
 
 @pytest.mark.parametrize("key", ["onnx-chat", "transformers-chat"])
@@ -120,7 +139,7 @@ def test_bad_arguments_fail_in_one_line_before_any_run(
 def test_a_folder_that_is_no_model_is_rejected(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("hello")
     assert_one_line_error(invoke("package", str(tmp_path)), "neither a Hugging Face checkpoint", "genai_config.json")
-    assert_one_line_error(invoke("package", str(tmp_path / "notes.txt")), "is a file")
+    assert_one_line_error(invoke("package", str(tmp_path / "notes.txt")), "is a file, but not a GGUF file")
 
 
 def test_an_unreachable_hub_id_fails_clearly(monkeypatch: pytest.MonkeyPatch) -> None:

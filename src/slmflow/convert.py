@@ -16,56 +16,134 @@ import sys
 import tempfile
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from slmflow.errors import ConversionError, SlmflowError
 from slmflow.progress import Progress
 
-PRECISIONS = ("int4", "fp16", "fp32")
+PRECISIONS = ("int8", "int4", "fp32", "fp16", "bf16")
+DEFAULT_PRECISION = "int8"
+QUANTIZED = ("int4", "int8")
 EXECUTION_PROVIDERS = ("cpu", "cuda")
-# Measured on the project's CPU machines: 128-wide int4 blocks decode 10-40% faster than the default 32.
-INT4_BLOCK_SIZE = 128
+ALGORITHMS = ("default", "rtn", "k_quant")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 _LAYER = re.compile(r"Reading layer (\d+)")
 
 
-def builder_command(source: Path, output: Path, precision: str, provider: str, cache_dir: Path) -> list[str]:
+@dataclass(frozen=True)
+class Quantization:
+    """How int4/int8 weights are made: the ONNX Runtime GenAI builder's weight-only quantization
+    options. None leaves the builder's own default (block 32, accuracy level 4 on CPU, symmetric)."""
+
+    algorithm: str | None = None  # algo_config: default (RTN), rtn, k_quant
+    block_size: int | None = None
+    mixed: str | None = None  # matmul_mixed_precision, e.g. "last_matmul:int8,mixed_layers:int8"
+    accuracy_level: int | None = None  # 4: int8 activations (fastest on CPU), 1: float32
+    symmetric: bool = True
+    extra: tuple[str, ...] = ()  # further KEY=VALUE builder options, as given
+
+    def options(self) -> list[str]:
+        options = [
+            f"{key}={value}"
+            for key, value in (
+                ("algo_config", self.algorithm),
+                ("block_size", self.block_size),
+                ("matmul_mixed_precision", self.mixed),
+                ("accuracy_level", self.accuracy_level),
+            )
+            if value is not None
+        ]
+        if not self.symmetric:
+            options.append("is_symmetric=false")
+        return options + list(self.extra)
+
+    def describe(self) -> str:
+        return " ".join(self.options()) or "builder defaults"
+
+
+# Measured on SmolLM2-135M-Instruct (benchmarks/results/quantization.md). int4: k_quant, block 32,
+# the LM head and the most quantization-sensitive layers in int8 (llama.cpp's mixed strategy): +7%
+# perplexity, where the former default (block 128, plain RTN) cost +81% and answered in gibberish.
+DEFAULT_RECIPES = {
+    "int4": Quantization(algorithm="k_quant", block_size=32, mixed="last_matmul:int8,mixed_layers:int8"),
+    "int8": Quantization(),
+}
+
+
+def recipe_for(precision: str, quantization: Quantization | None) -> Quantization | None:
+    """The quantization options a build uses: the given ones, else the precision's default."""
+    if precision not in QUANTIZED:
+        return None
+    return quantization if quantization is not None else DEFAULT_RECIPES[precision]
+
+
+def builder_command(
+    source: Path,
+    output: Path,
+    precision: str,
+    provider: str,
+    cache_dir: Path,
+    quantization: Quantization | None = None,
+) -> list[str]:
     command = [
         sys.executable, "-m", "onnxruntime_genai.models.builder",
         "-i", str(source), "-o", str(output), "-p", precision, "-e", provider, "-c", str(cache_dir),
     ]  # fmt: skip
-    if precision == "int4":
-        command += ["--extra_options", f"block_size={INT4_BLOCK_SIZE}"]
+    recipe = recipe_for(precision, quantization)
+    if recipe and recipe.options():
+        command += ["--extra_options", *recipe.options()]
     return command
 
 
-def check_target(precision: str, provider: str) -> None:
+def check_target(precision: str, provider: str, quantization: Quantization | None = None) -> None:
     if precision not in PRECISIONS:
         raise SlmflowError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     if provider not in EXECUTION_PROVIDERS:
         raise SlmflowError(f"unknown execution provider {provider!r}; choose one of {', '.join(EXECUTION_PROVIDERS)}")
-    if precision == "fp16" and provider == "cpu":
+    if precision in ("fp16", "bf16") and provider == "cpu":
         raise SlmflowError(
-            "ONNX Runtime GenAI has no fp16 CPU model; use --precision fp16 with --execution-provider cuda"
+            f"ONNX Runtime GenAI has no {precision} CPU model; "
+            f"use --precision {precision} with --execution-provider cuda"
         )
+    if quantization is not None:
+        _check_quantization(precision, quantization)
+
+
+def _check_quantization(precision: str, quantization: Quantization) -> None:
+    if precision not in QUANTIZED:
+        raise SlmflowError(f"quantization options apply to int4 and int8, not {precision}")
+    q = quantization
+    if q.algorithm is not None and q.algorithm not in ALGORITHMS:
+        raise SlmflowError(f"unknown quantization algorithm {q.algorithm!r}; choose one of {', '.join(ALGORITHMS)}")
+    if q.block_size is not None and q.block_size not in BLOCK_SIZES:
+        raise SlmflowError(f"block size must be one of {', '.join(map(str, BLOCK_SIZES))}; got {q.block_size}")
+    if q.accuracy_level is not None and q.accuracy_level not in (1, 2, 3, 4):
+        raise SlmflowError(f"accuracy level must be 1, 2, 3 or 4; got {q.accuracy_level}")
+    for option in q.extra:
+        if "=" not in option or option.startswith("="):
+            raise SlmflowError(f"builder options are KEY=VALUE; got {option!r}")
 
 
 def convert(
     source: Path,
     output: Path,
     *,
-    precision: str = "int4",
+    precision: str = DEFAULT_PRECISION,
     provider: str = "cpu",
+    quantization: Quantization | None = None,
     num_layers: int | None = None,
     progress: Progress | None = None,
 ) -> Path:
     """Convert the checkpoint at `source` into an ONNX Runtime GenAI folder at `output`."""
-    check_target(precision, provider)
+    check_target(precision, provider, quantization)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=output.parent))
     cache = Path(tempfile.mkdtemp(prefix=".builder-cache-", dir=output.parent))
     try:
-        _run_builder(builder_command(source, staging, precision, provider, cache), num_layers, progress)
+        command = builder_command(source, staging, precision, provider, cache, quantization)
+        _run_builder(command, num_layers, progress)
         if not (staging / "genai_config.json").is_file():
             raise ConversionError("the model builder finished without writing genai_config.json")
         if output.exists():

@@ -23,3 +23,7 @@ class Overloaded(SlmflowError):
 
 class ConversionError(SlmflowError):
     """The ONNX Runtime GenAI model builder failed."""
+
+
+class QualityBudgetExceeded(SlmflowError):
+    """A conversion whose measured quality cost is over the budget the user set."""

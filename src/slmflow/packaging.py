@@ -1,7 +1,9 @@
-"""One `package` call = one MLflow run: resolve the source, convert, log, check it loads, register.
+"""One `package` call = one MLflow run: resolve the source, convert, measure what the conversion
+cost, log, check it loads, register.
 
 Everything that can be checked is checked before the run starts; a failure inside the run marks it
-FAILED, and the model is registered only once it is fully logged and loads back.
+FAILED, and the model is registered only once it is fully logged and loads back. A conversion over
+its quality budget (`max_quality_loss`) fails before the model is even logged.
 """
 
 from __future__ import annotations
@@ -13,13 +15,16 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slmflow import convert
 from slmflow.checkpoints import Checkpoint, resolve
-from slmflow.errors import SlmflowError
+from slmflow.errors import QualityBudgetExceeded, SlmflowError
 from slmflow.onnx_genai.schema import CHAT_EXAMPLE, TASKS
 from slmflow.progress import Progress
+
+if TYPE_CHECKING:
+    from slmflow.evaluation.quality import QualityReport
 
 ROUTES = ("onnx", "transformers")
 # host:pid:start time of the process running a package run: tells an interrupted run from a live one.
@@ -31,12 +36,15 @@ log = logging.getLogger(__name__)
 class PackageSpec:
     source: str
     route: str = "onnx"
-    precision: str = "int4"
+    precision: str = convert.DEFAULT_PRECISION
     task: str = "chat"
     provider: str = "cpu"
     name: str | None = None  # registered model name
     alias: str | None = None
     generation_defaults: dict[str, Any] = field(default_factory=dict)
+    quantization: convert.Quantization | None = None  # None: the precision's default recipe
+    measure_quality: bool = True  # ONNX route: measure the conversion against its source
+    max_quality_loss: float | None = None  # percent of perplexity; over it, nothing is registered
 
     def check(self) -> None:
         if self.route not in ROUTES:
@@ -46,7 +54,14 @@ class PackageSpec:
         if self.route == "transformers" and self.task != "chat":
             raise SlmflowError("the transformers route packages the chat task (llm/v1/chat) only")
         if self.route == "onnx":
-            convert.check_target(self.precision, self.provider)
+            convert.check_target(self.precision, self.provider, self.quantization)
+        elif self.quantization is not None:
+            raise SlmflowError("quantization options apply to the ONNX route")
+        if self.max_quality_loss is not None:
+            if self.route != "onnx" or not self.measure_quality:
+                raise SlmflowError("--max-quality-loss needs the ONNX route with its quality measured")
+            if self.max_quality_loss < 0:
+                raise SlmflowError(f"--max-quality-loss is a percentage >= 0; got {self.max_quality_loss}")
         if self.alias and not self.name:
             raise SlmflowError("--alias needs --name: an alias points at a registered version")
 
@@ -58,13 +73,17 @@ class PackageResult:
     registered_name: str | None
     version: str | None
     metrics: dict[str, float]
+    quality: QualityReport | None = None
+    quality_note: str | None = None  # why quality was not measured, when it was not
 
     def as_json(self) -> dict[str, Any]:
+        quality = {k.removeprefix("quality."): v for k, v in self.quality.metrics().items()} if self.quality else None
         return {
             "run_id": self.run_id,
             "model_uri": self.model_uri,
             "registered_name": self.registered_name,
             "version": self.version,
+            "quality": quality,
         }
 
 
@@ -76,16 +95,20 @@ def package(spec: PackageSpec, progress: Progress | None = None) -> PackageResul
 
     spec.check()
     checkpoint = resolve(spec.source)
-    if spec.route == "transformers" and checkpoint.kind != "hf":
+    if spec.route == "transformers" and checkpoint.kind == "onnx":
         raise SlmflowError("the transformers route needs a Hugging Face checkpoint, not an ONNX Runtime GenAI folder")
-    check_weights(checkpoint)  # a missing or truncated weight file is named before any run starts
+    check_weights(checkpoint, spec.route)  # a missing or truncated weight file is named before any run starts
     with mlflow.start_run(run_name=f"package-{spec.route}", tags={PROCESS_TAG: _this_process()}) as run:
         end_interrupted_runs(run.info.experiment_id, run.info.run_id)
         mlflow.log_params(_params(spec, checkpoint))
         metrics: dict[str, float] = {}
-        with tempfile.TemporaryDirectory(prefix="slmflow-package-") as work:
+        quality, note = None, None
+        with tempfile.TemporaryDirectory(prefix="slmflow-package-") as tmp:
+            work = Path(tmp)
+            if checkpoint.kind == "gguf":
+                checkpoint = _dequantize(checkpoint, work, metrics, progress)
             if spec.route == "onnx":
-                model_uri = _log_onnx(spec, checkpoint, Path(work), metrics, progress)
+                model_uri, quality, note = _log_onnx(spec, checkpoint, work, metrics, progress)
             else:
                 model_uri = _log_transformers(spec, checkpoint, metrics, progress)
         metrics["load_seconds"] = _time_load(model_uri, progress)
@@ -94,7 +117,7 @@ def package(spec: PackageSpec, progress: Progress | None = None) -> PackageResul
         if spec.name:
             _say(progress, f"registering {spec.name}")
             version = registry.register(model_uri, spec.name, spec.alias, tags={"route": spec.route})
-        return PackageResult(run.info.run_id, model_uri, spec.name, version, metrics)
+        return PackageResult(run.info.run_id, model_uri, spec.name, version, metrics, quality, note)
 
 
 def _this_process() -> str:
@@ -148,15 +171,20 @@ def end_interrupted_runs(experiment_id: str, current_run_id: str) -> list[str]:
     return ended
 
 
-def check_weights(checkpoint: Checkpoint) -> None:
+def check_weights(checkpoint: Checkpoint, route: str = "onnx") -> None:
     """Raise SlmflowError naming a missing or truncated weight file of `checkpoint`.
 
     ONNX Runtime GenAI folders: every ONNX file and external weight file, sized against what the
     graph reads. Hugging Face checkpoints: every safetensors file (or shard the index names), sized
-    against the tensors its header lists.
+    against the tensors its header lists. GGUF files: every tensor within the file, and an
+    architecture the route can package.
     """
+    from slmflow.checkpoints import gguf
     from slmflow.onnx_genai import check_model_folder
 
+    if checkpoint.kind == "gguf":
+        gguf.check_architecture(gguf.inspect(checkpoint.path), route)
+        return
     if checkpoint.kind != "hf":
         check_model_folder(checkpoint.path)
         return
@@ -208,20 +236,38 @@ def _params(spec: PackageSpec, checkpoint: Checkpoint) -> dict[str, Any]:
         "task": spec.task,
     }
     if spec.route == "onnx":
-        params |= {
-            "precision": spec.precision if checkpoint.kind == "hf" else "as-is",
-            "execution_provider": spec.provider,
-        }
+        converted = checkpoint.kind != "onnx"
+        params |= {"precision": spec.precision if converted else "as-is", "execution_provider": spec.provider}
+        recipe = convert.recipe_for(spec.precision, spec.quantization) if converted else None
+        if recipe is not None:
+            params["quantization"] = recipe.describe()
+        if spec.max_quality_loss is not None:
+            params["max_quality_loss_pct"] = spec.max_quality_loss
     params |= {f"generation.{k}": v for k, v in spec.generation_defaults.items()}
     return params
 
 
+def _dequantize(checkpoint: Checkpoint, work: Path, metrics: dict[str, float], progress: Progress | None) -> Checkpoint:
+    """A GGUF source becomes a float Hugging Face checkpoint in the run's work folder."""
+    from slmflow.checkpoints import gguf
+
+    started = time.perf_counter()
+    folder = gguf.to_checkpoint(gguf.inspect(checkpoint.path), work / "checkpoint", progress)
+    metrics["gguf_dequantize_seconds"] = time.perf_counter() - started
+    return Checkpoint(path=folder, kind="hf", source=checkpoint.source)
+
+
 def _log_onnx(
     spec: PackageSpec, checkpoint: Checkpoint, work: Path, metrics: dict[str, float], progress: Progress | None
-) -> str:
+) -> tuple[str, QualityReport | None, str | None]:
+    """Convert (unless the source is ONNX already), measure the conversion, log: (model URI, the
+    quality report, or why there is none)."""
+    import mlflow
+
     from slmflow import onnx_genai
 
     folder = checkpoint.path
+    quality, note = None, None
     if checkpoint.kind == "hf":
         started = time.perf_counter()
         folder = convert.convert(
@@ -229,15 +275,55 @@ def _log_onnx(
             work / "onnx",
             precision=spec.precision,
             provider=spec.provider,
+            quantization=spec.quantization,
             num_layers=_num_layers(checkpoint),
             progress=progress,
         )
         metrics["conversion_seconds"] = time.perf_counter() - started
+        if spec.measure_quality:
+            quality = _measure_quality(spec, checkpoint.path, folder, metrics, progress)
+        else:
+            note = "not measured (--no-quality)"
+    else:
+        note = "not measured: the source is an ONNX model, so there is no checkpoint to compare it with"
+    if note:
+        mlflow.set_tag("quality", note)
     metrics["model_size_bytes"] = float(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()))
     _say(progress, "logging the model to MLflow")
-    defaults = {"model_name": spec.name or Path(spec.source).name, **spec.generation_defaults}
+    defaults = {"model_name": spec.name or _source_name(spec.source), **spec.generation_defaults}
     info = onnx_genai.log_model(folder, name="model", task=spec.task, generation_defaults=defaults)
-    return info.model_uri
+    return info.model_uri, quality, note
+
+
+def _measure_quality(
+    spec: PackageSpec, source: Path, folder: Path, metrics: dict[str, float], progress: Progress | None
+) -> QualityReport:
+    """Measure the converted model against its source, log it, and hold it to the quality budget."""
+    import mlflow
+
+    from slmflow.evaluation import quality
+
+    if spec.provider != "cpu":
+        raise SlmflowError("the quality of a CUDA build cannot be measured on the CPU; pass --no-quality")
+    started = time.perf_counter()
+    report = quality.measure(source, folder, progress)
+    metrics["quality_seconds"] = time.perf_counter() - started
+    mlflow.log_metrics(report.metrics())
+    mlflow.log_dict(report.as_dict(), "quality.json")
+    budget = spec.max_quality_loss
+    if budget is not None and report.perplexity_increase_pct > budget:
+        recipe = convert.recipe_for(spec.precision, spec.quantization)
+        raise QualityBudgetExceeded(
+            f"{spec.precision} ({recipe.describe() if recipe else 'no quantization'}) raised perplexity by "
+            f"{report.perplexity_increase_pct:.2f}% ({report.perplexity_source:.3f} -> {report.perplexity:.3f}), "
+            f"over the budget of {budget:g}%; nothing was registered"
+        )
+    return report
+
+
+def _source_name(source: str) -> str:
+    """A model name from a source: a folder's or a GGUF file's name, without its extension."""
+    return Path(source.rstrip("/")).name.removesuffix(".gguf")
 
 
 def _log_transformers(

@@ -1,4 +1,4 @@
-"""Resolve what the user names as a model source: a local folder or a Hugging Face hub id.
+"""Resolve what the user names as a model source: a local folder, a GGUF file or a Hugging Face hub id.
 
 Offline-first: a hub id is looked up in the local Hugging Face cache before the hub is asked, and
 the hub is never asked when `HF_HUB_OFFLINE` is set.
@@ -15,7 +15,7 @@ from typing import Literal
 
 from slmflow.errors import SlmflowError
 
-SourceKind = Literal["hf", "onnx"]
+SourceKind = Literal["hf", "onnx", "gguf"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./-]+)?$")
 
 
@@ -23,8 +23,8 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w./-]+)?$")
 class Checkpoint:
     """A model folder on disk and what it holds."""
 
-    path: Path
-    kind: SourceKind  # "hf": a Hugging Face checkpoint; "onnx": an ONNX Runtime GenAI folder
+    path: Path  # a folder; for "gguf", the GGUF file
+    kind: SourceKind  # "hf": a Hugging Face checkpoint; "onnx": an ONNX Runtime GenAI folder; "gguf"
     source: str  # what the user named, for run params
 
     @property
@@ -32,6 +32,10 @@ class Checkpoint:
         if self.kind == "hf":
             archs = _read_json(self.path / "config.json").get("architectures") or [None]
             return archs[0]
+        if self.kind == "gguf":
+            from slmflow.checkpoints import gguf
+
+            return gguf.inspect(self.path).architecture
         return _read_json(self.path / "genai_config.json").get("model", {}).get("type")
 
 
@@ -46,21 +50,29 @@ def resolve(source: str) -> Checkpoint:
 
 
 def _inspect_folder(path: Path, source: str) -> Checkpoint:
-    if not path.is_dir():
-        raise SlmflowError(f"model source {source!r} is a file, not a model folder")
-    if not os.access(path, os.R_OK | os.X_OK):
+    from slmflow.checkpoints import gguf
+
+    if not os.access(path, os.R_OK) or (path.is_dir() and not os.access(path, os.X_OK)):
         raise SlmflowError(f"model source {source!r} is not readable")
-    if (path / "genai_config.json").is_file():
-        kind: SourceKind = "onnx"
+    if path.is_file():
+        if path.suffix.lower() != ".gguf" and not gguf.is_gguf(path):
+            raise SlmflowError(
+                f"model source {source!r} is a file, but not a GGUF file; give a model folder or a .gguf"
+            )
+        kind: SourceKind = "gguf"
+    elif (path / "genai_config.json").is_file():
+        kind = "onnx"
     elif (path / "config.json").is_file():
         kind = "hf"
+    elif found := gguf.find_gguf(path):
+        path, kind = found, "gguf"
     else:
         raise SlmflowError(
-            f"{source!r} is neither a Hugging Face checkpoint (no config.json) "
-            "nor an ONNX Runtime GenAI model (no genai_config.json)"
+            f"{source!r} is neither a Hugging Face checkpoint (no config.json), an ONNX Runtime GenAI model "
+            "(no genai_config.json) nor a folder holding a .gguf file"
         )
     checkpoint = Checkpoint(path=path.resolve(), kind=kind, source=source)
-    checkpoint.architecture  # noqa: B018 - fails early on an unreadable config
+    checkpoint.architecture  # noqa: B018 - fails early on an unreadable config or a damaged GGUF
     return checkpoint
 
 

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from slmflow import __version__
+from slmflow.convert import DEFAULT_PRECISION, DEFAULT_RECIPES, Quantization
 from slmflow.errors import SlmflowError
 from slmflow.progress import Progress
 
@@ -86,25 +87,51 @@ def _quiet_libraries() -> None:
     "--size",
     default="tiny",
     show_default=True,
-    help="tiny (trained, checkable answers) or bench (random, realistic shapes).",
+    help="tiny (trained Phi-3, checkable answers), bench (random, realistic shapes) or smol (SmolLM2-135M-Instruct, a real model).",
 )
 @click.option("--force", is_flag=True, help="Rebuild even if a cached build matches the recipe.")
 @click.option("--json", "as_json", is_flag=True, help='Print {"path": ...}.')
 def fixture(size: str, force: bool, as_json: bool) -> None:
-    """Build (or reuse) a local Phi-3-architecture fixture checkpoint and print its folder."""
+    """Build (or reuse) a local fixture checkpoint and print its folder."""
     from slmflow.checkpoints.fixture import SIZES, build_fixture
+    from slmflow.checkpoints.smol import SMOL, build_smol
 
-    if size not in SIZES:
-        raise SlmflowError(f"unknown fixture size {size!r}; choose one of {', '.join(SIZES)}")
+    if size not in (*SIZES, SMOL):
+        raise SlmflowError(f"unknown fixture size {size!r}; choose one of {', '.join((*SIZES, SMOL))}")
     with progress_bar(not as_json) as progress:
-        path = build_fixture(size, force=force, progress=progress)
+        if size == SMOL:
+            path = build_smol(force=force, progress=progress)
+        else:
+            path = build_fixture(size, force=force, progress=progress)
     click.echo(json.dumps({"path": str(path)}) if as_json else str(path))
 
 
 @main.command()
 @click.argument("source")
 @click.option("--route", default="onnx", show_default=True, help="onnx (ONNX Runtime GenAI flavor) or transformers.")
-@click.option("--precision", default="int4", show_default=True, help="ONNX route: int4, fp16 (cuda) or fp32.")
+@click.option(
+    "--precision",
+    default=DEFAULT_PRECISION,
+    show_default=True,
+    help="ONNX route: int8, int4, fp32, or fp16/bf16 (cuda). Its quality cost is measured and printed.",
+)
+@click.option("--quant-algo", help="int4/int8: the builder's algorithm: default (RTN), rtn or k_quant.")
+@click.option("--block-size", type=int, help="int4/int8: quantization block size (16, 32, 64, 128, 256).")
+@click.option(
+    "--mixed-precision",
+    help="int4: MatMul groups kept at another type, e.g. last_matmul:int8,mixed_layers:int8 ('none' for none).",
+)
+@click.option("--accuracy-level", type=int, help="int4/int8: 4 = int8 activations (fastest on CPU) ... 1 = float32.")
+@click.option("--asymmetric", is_flag=True, help="int4/int8: quantize with zero points.")
+@click.option(
+    "--builder-option", "builder_options", multiple=True, help="Any further builder option KEY=VALUE (repeatable)."
+)
+@click.option("--no-quality", is_flag=True, help="ONNX route: skip measuring the conversion against its source.")
+@click.option(
+    "--max-quality-loss",
+    type=float,
+    help="Refuse (FAILED run, nothing registered) a conversion that raises perplexity by more than PCT percent.",
+)
 @click.option(
     "--task", default="chat", show_default=True, help="ONNX route: chat (OpenAI schema) or prompt ({prompt} -> str)."
 )
@@ -115,11 +142,19 @@ def fixture(size: str, force: bool, as_json: bool) -> None:
 @click.option("--temperature", type=float, help="Default temperature (0 = greedy).")
 @click.option("--top-p", type=float, help="Default top_p.")
 @click.option("--top-k", type=int, help="Default top_k.")
-@click.option("--json", "as_json", is_flag=True, help="Print {run_id, model_uri, registered_name, version}.")
+@click.option("--json", "as_json", is_flag=True, help="Print {run_id, model_uri, registered_name, version, quality}.")
 def package(
     source: str,
     route: str,
     precision: str,
+    quant_algo: str | None,
+    block_size: int | None,
+    mixed_precision: str | None,
+    accuracy_level: int | None,
+    asymmetric: bool,
+    builder_options: tuple[str, ...],
+    no_quality: bool,
+    max_quality_loss: float | None,
     task: str,
     provider: str,
     name: str | None,
@@ -130,11 +165,14 @@ def package(
     top_k: int | None,
     as_json: bool,
 ) -> None:
-    """Package SOURCE (hub id, checkpoint or ONNX GenAI folder) as an MLflow model in a new run."""
+    """Package SOURCE (hub id, checkpoint, GGUF file or ONNX GenAI folder) as an MLflow model in a new run."""
     from slmflow.packaging import PackageSpec
     from slmflow.packaging import package as run_package
 
     defaults = {"max_tokens": max_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+    quantization = _quantization(
+        precision, quant_algo, block_size, mixed_precision, accuracy_level, asymmetric, builder_options
+    )
     spec = PackageSpec(
         source=source,
         route=route,
@@ -144,6 +182,9 @@ def package(
         name=name or None,  # MLproject passes "" for "not set"
         alias=alias or None,
         generation_defaults={k: v for k, v in defaults.items() if v is not None},
+        quantization=quantization,
+        measure_quality=not no_quality,
+        max_quality_loss=max_quality_loss,
     )
     with progress_bar(not as_json) as progress:
         result = run_package(spec, progress)
@@ -151,8 +192,39 @@ def package(
         click.echo(json.dumps(result.as_json()))
         return
     click.echo(f"run {result.run_id}: {result.model_uri}")
+    if result.quality:
+        click.echo(f"quality: {result.quality.summary()}")
+    elif result.quality_note:
+        click.echo(f"quality: {result.quality_note}")
     if result.version:
         click.echo(f"registered {result.registered_name} version {result.version}" + (f" as @{alias}" if alias else ""))
+
+
+def _quantization(
+    precision: str,
+    algorithm: str | None,
+    block_size: int | None,
+    mixed: str | None,
+    accuracy_level: int | None,
+    asymmetric: bool,
+    extra: tuple[str, ...],
+) -> Quantization | None:
+    """The quantization options given on the command line, over the precision's default recipe
+    (None when none was given: the default recipe as it is)."""
+    from dataclasses import replace
+
+    if not (algorithm or block_size or mixed or accuracy_level or asymmetric or extra):
+        return None
+    base = DEFAULT_RECIPES.get(precision, Quantization())
+    return replace(
+        base,
+        algorithm=algorithm or base.algorithm,
+        block_size=block_size or base.block_size,
+        mixed=None if mixed == "none" else mixed or base.mixed,
+        accuracy_level=accuracy_level or base.accuracy_level,
+        symmetric=base.symmetric and not asymmetric,
+        extra=base.extra + extra,
+    )
 
 
 @main.command()

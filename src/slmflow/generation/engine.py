@@ -211,6 +211,10 @@ class GenerationEngine:
 
     def token_logprobs(self, token_ids: list[int]) -> list[float]:
         """log p(token_i | tokens before it) for every token after the first, within the context."""
+        return self.score(token_ids).logprobs
+
+    def score(self, token_ids: list[int]) -> Scores:
+        """Teacher-forced scores of every token after the first, within the context."""
         if not 2 <= len(token_ids) <= self.context_length:
             raise InvalidRequest(f"scoring needs 2 to {self.context_length} tokens; got {len(token_ids)}")
         return self.run_on_owner(lambda og, model: _score_tokens(og, model, token_ids))
@@ -495,7 +499,7 @@ class _Row:
         if flush:
             self._emit(self.stops.flush())
         usage = Usage(len(self.request.prompt_ids), self.generated)
-        self.request.put("done", Completion("".join(self.text), reason, usage))
+        self.request.put("done", Completion("".join(self.text), reason, usage, tuple(self.tokens)))
 
     def _drop(self) -> None:
         """Its caller cancelled it: nobody is listening, so it ends without a word."""
@@ -522,7 +526,15 @@ class _Call:
             self.future.set_exception(e)
 
 
-def _score_tokens(og: Any, model: Any, token_ids: list[int]) -> list[float]:
+@dataclass(frozen=True)
+class Scores:
+    """Per position after the first: log p(actual token), and the token the model ranked first."""
+
+    logprobs: list[float]
+    top_tokens: list[int]
+
+
+def _score_tokens(og: Any, model: Any, token_ids: list[int]) -> Scores:
     """Teacher-forced log-probabilities, read as a prompt is: the Generator's "logits" output holds
     every position of the tokens appended last. Appended in chunks, so the logits in memory stay
     at SCORE_CHUNK x vocabulary (a whole 4k context of a 32k vocabulary would be half a gigabyte)."""
@@ -532,6 +544,7 @@ def _score_tokens(og: Any, model: Any, token_ids: list[int]) -> list[float]:
     params.set_search_options(max_length=len(token_ids), do_sample=False)
     generator = og.Generator(model, params)
     logprobs: list[float] = []
+    top_tokens: list[int] = []
     inputs = token_ids[:-1]
     for start in range(0, len(inputs), SCORE_CHUNK):
         chunk = inputs[start : start + SCORE_CHUNK]
@@ -542,7 +555,8 @@ def _score_tokens(og: Any, model: Any, token_ids: list[int]) -> list[float]:
         log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
         following = np.array(token_ids[start + 1 : start + 1 + len(chunk)])
         logprobs += (logits[np.arange(len(chunk)), following] - log_norm).tolist()
-    return logprobs
+        top_tokens += logits.argmax(axis=1).tolist()
+    return Scores(logprobs, top_tokens)
 
 
 SCORE_CHUNK = 256

