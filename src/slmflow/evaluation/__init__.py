@@ -12,8 +12,10 @@ Summary metrics of an evaluation run (what gates refer to):
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,7 +86,7 @@ def _score_rows(runner: ModelRunner, rows: list[dict[str, Any]]) -> tuple[list[d
     import mlflow
 
     predictions = [runner.predict(row) for row in rows]
-    with contextlib.redirect_stdout(sys.stderr):  # its banner would corrupt our --json output
+    with contextlib.redirect_stdout(sys.stderr), _scoring_workers(2):  # its banner would corrupt our --json output
         mlflow.genai.evaluate(data=_genai_records(rows, predictions), scorers=mlflow_scorers())
     table = [_table_row(row, p) for row, p in zip(rows, predictions, strict=True)]
     mlflow.log_table(
@@ -92,6 +94,25 @@ def _score_rows(runner: ModelRunner, rows: list[dict[str, Any]]) -> tuple[list[d
         artifact_file="eval_table.json",
     )
     return table, _summary(table, predictions)
+
+
+@contextlib.contextmanager
+def _scoring_workers(count: int) -> Iterator[None]:
+    """Have `mlflow.genai.evaluate` score with `count` threads unless the user chose a number.
+
+    Its default of 10 threads each writing a trace to a SQLite store exhausted SQLAlchemy's
+    connection pool: every row waited out a 30 s pool timeout and the traces were lost (measured:
+    100 s for 60 rows, 60 "Failed to log trace" warnings; 2 threads: a few seconds, none lost). Our
+    scorers are string checks, so more threads buy nothing anyway.
+    """
+    name = "MLFLOW_GENAI_EVAL_MAX_WORKERS"
+    chosen = os.environ.get(name)
+    os.environ[name] = chosen or str(count)
+    try:
+        yield
+    finally:
+        if chosen is None:
+            os.environ.pop(name, None)
 
 
 def _genai_records(rows: list[dict[str, Any]], predictions: list[Prediction]) -> list[dict[str, Any]]:
