@@ -46,6 +46,9 @@ def _settings(**values: Any) -> ServerSettings:
         raise click.BadParameter(first["msg"], param_hint=f"--{name.replace('_', '-')} / SLMFLOW_{name.upper()}") from e
 
 
+CHAT_MAX_TOKENS = 512  # `slmflow chat`'s bound on an answer when neither the user nor the model sets one
+
+
 @click.command()
 @click.argument("model_uri")
 @_settings_options
@@ -75,7 +78,11 @@ def serve(model_uri: str, **flags: Any) -> None:
 @click.argument("model_uri")
 @click.option("--message", "-m", help="Ask this one question, print the answer and exit.")
 @click.option("--system", help="System prompt for the conversation.")
-@click.option("--max-tokens", type=int, help="Longest answer, in tokens (default: the model's).")
+@click.option(
+    "--max-tokens",
+    type=int,
+    help=f"Longest answer, in tokens (default: the packaged model's, else {CHAT_MAX_TOKENS}).",
+)
 @click.option("--temperature", type=float, help="0 for greedy answers (default: the model's).")
 def chat(
     model_uri: str, message: str | None, system: str | None, max_tokens: int | None, temperature: float | None
@@ -85,8 +92,12 @@ def chat(
     from slmflow.generation.params import SamplingParams
     from slmflow.server.backend import load_backend
 
-    params = SamplingParams.from_mapping({"max_tokens": max_tokens, "temperature": temperature})
     backend = load_backend(_settings(model_uri=model_uri, max_batch_size=1))
+    # A person is waiting: an answer is bounded even when neither they nor the model say how long it may be
+    # (a small model can otherwise run on to its whole context: 8,000 tokens for SmolLM2).
+    packaged = getattr(backend, "defaults", SamplingParams()).max_tokens
+    max_tokens = max_tokens or packaged or CHAT_MAX_TOKENS
+    params = SamplingParams.from_mapping({"max_tokens": max_tokens, "temperature": temperature})
     history = [{"role": "system", "content": system}] if system else []
     try:
         if message is not None:

@@ -9,6 +9,8 @@ from typing import Any
 
 from slmflow.errors import SlmflowError
 
+EVAL_MAX_TOKENS = 256  # an evaluated answer's bound when neither the model nor the caller sets one
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -47,8 +49,13 @@ class ModelRunner:
         self.input_kind = "prompt" if "prompt" in names else "messages"
         # Greedy decoding unless asked otherwise: evaluations and comparisons must be repeatable.
         # (MLflow's transformers flavor rejects temperature 0; its checkpoints decode greedily by default.)
-        greedy = {"temperature": 0.0} if self.flavor == "onnx_genai" else {}
-        self.params = {**greedy, **(params or {})}
+        # Answers are bounded unless the model or the caller sets a bound: an unbounded small model
+        # ran to its whole context (65 s and 10,000 characters per row for SmolLM2).
+        defaults: dict[str, Any] = {}
+        if self.flavor == "onnx_genai":
+            packaged = self.model.metadata.flavors["onnx_genai"].get("generation_defaults") or {}
+            defaults = {"temperature": 0.0, "max_tokens": packaged.get("max_tokens") or EVAL_MAX_TOKENS}
+        self.params = {**defaults, **(params or {})}
 
     def predict(self, row: dict[str, Any]) -> Prediction:
         if self.input_kind not in row:
