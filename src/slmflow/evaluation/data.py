@@ -14,8 +14,14 @@ from typing import Any
 from slmflow.errors import SlmflowError
 
 BUILTIN_PREFIX = "builtin:"
-# Held-out phrasings of the tiny fixture's training questions (see checkpoints/task.py).
-BUILTIN_SETS = {"capitals": "capitals_eval.jsonl"}
+BUILTIN_SETS = {
+    # Held-out phrasings of the tiny fixture's training questions (see checkpoints/task.py).
+    "capitals": "capitals_eval.jsonl",
+    # 20 everyday questions for a real instruct model, most with a fact the answer must contain.
+    "everyday": "everyday_eval.jsonl",
+    # A plain English text of about 550 tokens, for perplexity (what `package` measures its cost on).
+    "reference": "reference.txt",
+}
 
 
 @dataclass(frozen=True)
@@ -26,7 +32,8 @@ class EvalSet:
 
 
 def is_eval_set(source: str) -> bool:
-    return source.startswith(BUILTIN_PREFIX) or Path(source).suffix.lower() in {".jsonl", ".json", ".csv"}
+    name = BUILTIN_SETS.get(source.removeprefix(BUILTIN_PREFIX), "") if source.startswith(BUILTIN_PREFIX) else source
+    return Path(name).suffix.lower() in {".jsonl", ".json", ".csv"}
 
 
 def load_eval_set(source: str) -> EvalSet:
