@@ -323,9 +323,10 @@ def prepare_models(size: str, tokens: int, work: Path) -> dict[str, Path]:
     import tutorial_model
     from slmflow import convert, onnx_genai
     from slmflow.checkpoints.fixture import build_fixture
+    from slmflow.checkpoints.smol import SMOL, build_smol
     from slmflow.packaging import transformers_model_config, transformers_requirements
 
-    checkpoint = build_fixture(size)
+    checkpoint = build_smol() if size == SMOL else build_fixture(size)
     onnx_dir = convert.convert(checkpoint, work / "int4", precision="int4")
     onnx_genai.save_model(onnx_dir, work / "flavor", task="chat", generation_defaults={"model_name": "bench"})
     tutorial_model.save(str(onnx_dir), str(work / "tutorial"), tokens)
@@ -508,7 +509,9 @@ def plot(points: list[Point], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", default="bench", choices=["bench", "tiny"])
+    parser.add_argument(
+        "--size", default="bench", choices=["bench", "tiny", "smol"], help="smol: SmolLM2-135M-Instruct"
+    )
     parser.add_argument("--concurrency", default="1,4,8,16")
     parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=64)
