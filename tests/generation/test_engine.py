@@ -223,3 +223,24 @@ def submit_when_running(engine, first: tuple, later: list[tuple]) -> tuple:
         stream = engine.submit(*first)
         stream.listen(on_news)
     return stream, late
+
+
+def test_a_request_cancelled_while_its_batch_gathers_leaves_the_engine_serving(onnx_int4) -> None:
+    from slmflow.generation.engine import EngineOptions, GenerationEngine
+
+    # The first request of a batch waits up to batch_wait_s for company; cancelled meanwhile, it leaves
+    # the queue empty. Found by the disconnect storm: the owner thread then died popping from an
+    # empty queue, and every later request hung.
+    engine = GenerationEngine(onnx_int4, EngineOptions(batch_wait_s=0.5, max_batch_wait_s=0.5))
+    try:
+        prompt = engine.encode(engine.render_chat(SPAIN))
+        stream = engine.submit(prompt, GREEDY)
+        time.sleep(0.1)  # the engine is gathering a batch around it ...
+        stream.cancel()
+        time.sleep(2.0)  # ... and stops gathering with nothing left to run
+        with ThreadPoolExecutor(1) as pool:
+            after = pool.submit(engine.generate, prompt, GREEDY)
+            assert after.result(timeout=60).text == "The capital of Spain is Madrid."
+        assert engine.stats.finished["cancelled"] == 1
+    finally:
+        engine.close()

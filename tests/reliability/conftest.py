@@ -67,17 +67,20 @@ def capped_generation(live: LiveServer, cap: int = CAP) -> None:
     over max_tokens still reaches the engine unchanged and is still refused there.
     """
     engine = live.state.backend.engine
-    submit = engine.submit
+    submit_all = engine.submit_all
 
-    def capped_submit(prompt: Any, params: SamplingParams | None = None) -> Any:
-        p = params or SamplingParams()
+    def capped(p: SamplingParams | None) -> SamplingParams:
+        p = p or SamplingParams()
         refused = p.max_tokens is not None and (p.max_tokens > engine.context_length or p.min_tokens > p.max_tokens)
-        if not refused:
-            limit = min(p.max_tokens or cap, cap)
-            p = replace(p, max_tokens=limit, min_tokens=min(p.min_tokens, limit))
-        return submit(prompt, p)
+        if refused:
+            return p
+        limit = min(p.max_tokens or cap, cap)
+        return replace(p, max_tokens=limit, min_tokens=min(p.min_tokens, limit))
 
-    engine.submit = capped_submit
+    def capped_submit_all(generations: Any) -> Any:
+        return submit_all([(prompt, capped(params)) for prompt, params in generations])
+
+    engine.submit_all = capped_submit_all  # engine.submit goes through it too
 
 
 @pytest.fixture(scope="session")

@@ -278,11 +278,19 @@ class GenerationEngine:
             self._ready.set()
             return
         self._ready.set()
-        while (work := self._next_work()) is not None:
-            if isinstance(work, _Call):
-                work.run(self._og, self._model)
-            elif work:
-                self._run_safely(work)
+        try:
+            while (work := self._next_work()) is not None:
+                if isinstance(work, _Call):
+                    work.run(self._og, self._model)
+                elif work:
+                    self._run_safely(work)
+        except BaseException:
+            # A bug here would otherwise leave every caller waiting for an owner that is gone.
+            log.exception("the generation engine's owner thread failed; the model is unloaded")
+            with self._wakeup:
+                self._closed = True
+            self._next_work()  # fails whatever still waits
+            raise
 
     def _run_safely(self, batch: list[_Request]) -> None:
         try:
@@ -316,10 +324,14 @@ class GenerationEngine:
                     request.put("error", SlmflowError("the model has been unloaded"))
                 for call in self._calls:
                     call.future.set_exception(SlmflowError("the model has been unloaded"))
+                self._pending.clear()
+                self._calls.clear()
                 return None
             if self._calls:
                 return self._calls.popleft()
             self._gather()
+            if not self._pending:  # everything that waited was cancelled while it gathered
+                return []
             first = self._pending.popleft()
             batch, key = [first], _batch_key(first)
             for request in list(self._pending):
