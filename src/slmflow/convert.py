@@ -64,8 +64,9 @@ class Quantization:
 
 
 # Measured on SmolLM2-135M-Instruct (benchmarks/results/quantization.md). int4: k_quant, block 32,
-# the LM head and the most quantization-sensitive layers in int8 (llama.cpp's mixed strategy): +7%
-# perplexity, where the former default (block 128, plain RTN) cost +81% and answered in gibberish.
+# the LM head and the most quantization-sensitive layers in int8 (llama.cpp's mixed strategy): +12%
+# perplexity, where the former default (block 128, plain RTN) cost +80% and answered in gibberish.
+# int8 (the builder's defaults) cost +0.25% and decodes as fast, hence the default precision.
 DEFAULT_RECIPES = {
     "int4": Quantization(algorithm="k_quant", block_size=32, mixed="last_matmul:int8,mixed_layers:int8"),
     "int8": Quantization(),

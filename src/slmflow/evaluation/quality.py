@@ -8,10 +8,10 @@ GenAI reading the very same token ids:
   first MAX_NEW_TOKENS greedy tokens are identical.
 
 Perplexity and top-1 agreement are the steady measures: on SmolLM2-135M-Instruct int8 moved
-perplexity +0.4% (top-1 95%), int4 +7% to +81% by recipe (top-1 81% to 58%). Greedy agreement is
+perplexity +0.25% (top-1 96%), int4 +12% to +80% by recipe (top-1 79% to 51%). Greedy agreement is
 the strict one: a small model has many near-ties (SmolLM2's first token for "What is the capital
 of France?" wins by 0.08 logits), so one flipped token sends an answer elsewhere: int8 still agrees
-on only 6-11 of 20. It tells "bit for bit the same" (fp32: 20/20) from "not quite".
+on only 11 of 20. It tells "bit for bit the same" (fp32: 20/20) from "not quite".
 
 The source's side depends only on the checkpoint, so it is cached (under the slmflow home, keyed
 by the checkpoint's contents): packaging one checkpoint at several precisions measures torch once.
