@@ -18,6 +18,8 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+# As `slmflow serve` runs: the servers these tests start in process export their traces themselves.
+os.environ["MLFLOW_ENABLE_ASYNC_TRACE_LOGGING"] = "false"
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -39,3 +39,23 @@ def set_alias(name: str, alias: str, version: str) -> None:
         client.set_registered_model_alias(name, alias, version)
     except MlflowException as e:
         raise SlmflowError(f"cannot point alias {alias!r} of {name!r} at version {version}: {e.message}") from e
+
+
+def registered_version(model_uri: str) -> tuple[str, str] | None:
+    """(name, version) for `models:/name/3` and `models:/name@alias`; None for other URIs."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    if not model_uri.startswith("models:/"):
+        return None
+    path = model_uri[len("models:/") :]
+    try:
+        if "@" in path:
+            name, alias = path.split("@", 1)
+            return name, str(MlflowClient().get_model_version_by_alias(name, alias).version)
+        name, _, version = path.partition("/")
+        if version.isdigit():
+            return name, version
+    except MlflowException as e:
+        raise SlmflowError(f"cannot resolve {model_uri}: {e.message}") from e
+    return None

@@ -71,7 +71,10 @@ def test_fixture_path_changes_with_the_recipe(monkeypatch: pytest.MonkeyPatch) -
 
 def test_unknown_fixture_size_is_a_one_line_error() -> None:
     run = CliRunner().invoke(main, ["fixture", "--size", "huge"])
-    assert run.exit_code == 1 and run.stderr.strip() == "error: unknown fixture size 'huge'; choose one of tiny, bench, smol"
+    assert (
+        run.exit_code == 1
+        and run.stderr.strip() == "error: unknown fixture size 'huge'; choose one of tiny, bench, smol"
+    )
 
 
 def test_resolve_tells_checkpoints_from_onnx_folders(tiny_checkpoint: Path, onnx_int4: Path) -> None:

@@ -183,3 +183,35 @@ def test_a_dropped_model_stops_its_engine(chat_model_path: Path) -> None:
     del model
     gc.collect()
     assert not engine._thread.is_alive()
+
+
+def test_predict_records_spans_when_the_caller_traces(chat_model) -> None:
+    previous = mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id()).name
+    experiment = mlflow.set_experiment("pyfunc-spans").experiment_id
+    try:
+
+        @mlflow.trace
+        def ask() -> tuple[str, str]:
+            whole = chat_model.predict(CHAT_EXAMPLE)[0]["choices"][0]["message"]["content"]
+            chunks = chat_model.predict_stream(CHAT_EXAMPLE)
+            streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+            return whole, streamed
+
+        assert ask() == ("The capital of Spain is Madrid.", "The capital of Spain is Madrid.")
+        chat_model.predict(CHAT_EXAMPLE)  # not inside a trace: records nothing
+        mlflow.flush_trace_async_logging()
+        [trace] = mlflow.search_traces(locations=[experiment], return_type="list")
+    finally:
+        mlflow.set_experiment(previous)
+    spans = {span.name: span for span in trace.data.spans}
+    assert set(spans) == {"ask", "onnx_genai.predict", "onnx_genai.predict_stream"}
+    root_id = spans["ask"].span_id
+    assert spans["onnx_genai.predict"].parent_id == root_id and spans["onnx_genai.predict_stream"].parent_id == root_id
+    assert spans["onnx_genai.predict"].inputs["model_input"] == [CHAT_EXAMPLE]  # the rows MLflow handed over
+    assert (
+        spans["onnx_genai.predict"].outputs[0]["choices"][0]["message"]["content"] == "The capital of Spain is Madrid."
+    )
+    assert spans["onnx_genai.predict_stream"].outputs == {
+        "text": "The capital of Spain is Madrid.",
+        "finish_reason": "stop",
+    }

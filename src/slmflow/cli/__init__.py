@@ -256,8 +256,9 @@ def _register_commands() -> None:
     from slmflow.cli.bench import bench
     from slmflow.cli.evaluate import compare, eval_command, promote
     from slmflow.cli.serve import chat, serve
+    from slmflow.cli.traces import traces
 
-    for command in (eval_command, promote, compare, serve, chat, bench, batch):
+    for command in (eval_command, promote, compare, serve, chat, bench, batch, traces):
         main.add_command(command)
 
 

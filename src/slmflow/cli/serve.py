@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import typing
 from collections.abc import Callable
 from typing import Any
@@ -31,7 +32,7 @@ def _click_type(annotation: Any) -> Any:
     if typing.get_origin(annotation) is typing.Literal:
         return click.Choice(typing.get_args(annotation))
     kind = next((t for t in typing.get_args(annotation) if t is not type(None)), annotation)
-    return kind if kind in (int, float) else str
+    return kind if kind in (int, float, bool) else str
 
 
 def _settings(**values: Any) -> ServerSettings:
@@ -60,6 +61,9 @@ def serve(model_uri: str, **flags: Any) -> None:
     from slmflow.server.backend import load_backend
 
     settings = _settings(model_uri=model_uri, **flags)
+    # Request traces are exported by the server's monitor thread, off the request path already:
+    # MLflow's own export threads would only add writers (ten of them exhaust a SQLite store's pool).
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", "false")
     if settings.host not in LOOPBACK and settings.api_key is None:
         click.echo(
             f"warning: serving on {settings.host} without --api-key: anyone who reaches it can use the model", err=True

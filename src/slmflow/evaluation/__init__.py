@@ -23,6 +23,7 @@ from slmflow.errors import SlmflowError
 from slmflow.evaluation.data import is_eval_set, load_eval_set, load_text
 from slmflow.evaluation.runner import ModelRunner, Prediction
 from slmflow.evaluation.scorers import contains, exact_match, mlflow_scorers, regex_match
+from slmflow.registry import registered_version
 
 EVAL_RUN_TAG = "slmflow.eval_run_id"  # set on a model version: its latest evaluation run
 EVAL_OF_TAG = "slmflow.eval_of"  # set on an evaluation run: "name/version" it measured
@@ -159,26 +160,6 @@ def _summary(table: list[dict[str, Any]], predictions: list[Prediction]) -> dict
     if all(t is not None for t in tokens):
         metrics["tokens_per_s"] = sum(tokens) / sum(latencies)  # type: ignore[arg-type]
     return metrics
-
-
-def registered_version(model_uri: str) -> tuple[str, str] | None:
-    """(name, version) for `models:/name/3` and `models:/name@alias`; None for other URIs."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
-    if not model_uri.startswith("models:/"):
-        return None
-    path = model_uri[len("models:/") :]
-    try:
-        if "@" in path:
-            name, alias = path.split("@", 1)
-            return name, str(MlflowClient().get_model_version_by_alias(name, alias).version)
-        name, _, version = path.partition("/")
-        if version.isdigit():
-            return name, version
-    except MlflowException as e:
-        raise SlmflowError(f"cannot resolve {model_uri}: {e.message}") from e
-    return None
 
 
 def _link(version: tuple[str, str], run_id: str) -> None:

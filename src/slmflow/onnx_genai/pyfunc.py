@@ -35,16 +35,19 @@ class OnnxGenAIPyfunc:
         return self.engine
 
     def predict(self, model_input: Any, params: dict[str, Any] | None = None) -> list[Any]:
-        with _as_mlflow_errors():
+        with _as_mlflow_errors(), _span("predict", model_input, params) as span:
             requests = [self._request(row, params) for row in _rows(model_input)]
             results: list[list[Completion]] = []
             # A call may hold more rows than the engine's queue takes (spark_udf hands over up to
             # 10,000): submit them in waves that fit, or the rest would be refused as Overloaded.
             for wave in _waves(requests, self.engine.options.max_queue):
                 results += self._run(wave)
-        if self.task == "chat":
-            return [chat_completion(group, model=self.model_name) for group in results]
-        return [group[0].text for group in results]
+            if self.task == "chat":
+                answers: list[Any] = [chat_completion(group, model=self.model_name) for group in results]
+            else:
+                answers = [group[0].text for group in results]
+            span.set_outputs(answers)
+        return answers
 
     def _run(self, requests: list[_RowRequest]) -> list[list[Completion]]:
         """Submit every request at once, so the engine batches them together."""
@@ -65,10 +68,13 @@ class OnnxGenAIPyfunc:
             if n != 1:
                 raise InvalidRequest("predict_stream supports n=1 only", param="n")
             stream = self.engine.submit(prompt, sampling)
-        try:
-            yield from (self._chat_chunks(stream) if self.task == "chat" else stream)
-        finally:
-            stream.cancel()  # a consumer that stops early frees its batch slot
+        with _span("predict_stream", model_input, params) as span:
+            try:
+                yield from (self._chat_chunks(stream) if self.task == "chat" else stream)
+            finally:
+                stream.cancel()  # a consumer that stops early frees its batch slot
+                if stream.completion is not None:
+                    span.set_outputs({"text": stream.completion.text, "finish_reason": stream.completion.finish_reason})
 
     def _chat_chunks(self, stream: TokenStream) -> Iterator[dict[str, Any]]:
         chunk = functools.partial(chat_chunk, id=new_id(), model=self.model_name, created=int(time.time()))
@@ -150,6 +156,47 @@ def _plain(value: Any) -> Any:
 
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+@contextmanager
+def _span(name: str, model_input: Any, params: dict[str, Any] | None) -> Iterator[Any]:
+    """A span for this call when the caller is tracing (inside an active MLflow span), as MLflow's
+    own flavors record theirs; otherwise a stand-in that records nothing and costs nothing.
+
+    A child span started without entering the tracing context: `predict_stream` yields from inside
+    it, and a generator resumed from another context must not detach that context."""
+    import mlflow
+
+    parent = mlflow.get_current_active_span()
+    if parent is None:
+        yield _NoSpan()
+        return
+    from mlflow.entities import SpanStatusCode, SpanType
+
+    span = mlflow.start_span_no_context(
+        f"onnx_genai.{name}",
+        span_type=SpanType.CHAT_MODEL,
+        parent_span=parent,
+        inputs={"model_input": _plain_input(model_input), "params": params},
+    )
+    try:
+        yield span
+    except BaseException:
+        span.end(status=SpanStatusCode.ERROR)
+        raise
+    span.end()
+
+
+class _NoSpan:
+    def set_outputs(self, outputs: Any) -> None:
+        """Nothing is traced."""
+
+
+def _plain_input(model_input: Any) -> Any:
+    """The input as JSON-friendly rows (a DataFrame becomes its records)."""
+    if hasattr(model_input, "to_dict") and hasattr(model_input, "columns"):
+        return _plain(model_input.to_dict(orient="records"))
+    return _plain(model_input)
 
 
 @contextmanager

@@ -17,6 +17,7 @@ from slmflow.generation.openai import new_id
 from slmflow.server import errors, routes
 from slmflow.server.backend import Backend, load_backend, served_name
 from slmflow.server.metrics import Metrics
+from slmflow.server.monitoring import Monitor, Served, model_identity
 from slmflow.server.settings import ServerSettings
 
 log = logging.getLogger("slmflow.server")
@@ -34,16 +35,24 @@ def create_app(settings: ServerSettings | None = None, backend: Backend | None =
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         served = backend if backend is not None else await run_in_threadpool(load_backend, settings)
+        name = served_name(settings)
+        monitor = None
+        if settings.traces or settings.metrics_interval > 0:
+            identity = await run_in_threadpool(model_identity, settings, name)
+            monitor = Monitor(settings, identity, served.stats)
         app.state.slmflow = routes.ServerState(
             settings=settings,
             backend=served,
-            metrics=Metrics(served.stats),
-            model_name=served_name(settings),
+            metrics=Metrics(served.stats, monitor.stats if monitor else None),
+            model_name=name,
             created=int(time.time()),
+            monitor=monitor,
         )
         try:
             yield
         finally:
+            if monitor is not None:
+                await run_in_threadpool(monitor.close)
             if backend is None:
                 served.close()
 
@@ -110,7 +119,7 @@ class RequestLog:
             await self.app(scope, receive, send)
             return
         request_id = new_id("req")
-        started = time.perf_counter()
+        started, started_ns = time.perf_counter(), time.time_ns()
         status = 500  # if nothing is sent, the client saw the connection fail
 
         async def send_with_id(message: Message) -> None:
@@ -123,7 +132,33 @@ class RequestLog:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            _log_request(scope, request_id, status, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            _log_request(scope, request_id, status, seconds)
+            _monitor(scope, request_id, status, started_ns, seconds)
+
+
+def _monitor(scope: Scope, request_id: str, status: int, started_ns: int, seconds: float) -> None:
+    """Hand the finished request to the monitor (a queue put: its export happens elsewhere)."""
+    monitor = scope["app"].state.slmflow.monitor
+    route = scope.get("route")
+    if monitor is None or route is None:
+        return
+    state = scope.get("state", {})
+    usage = state.get("usage")
+    monitor.offer(
+        Served(
+            route=route.path,
+            status=status,
+            started_ns=started_ns,
+            seconds=seconds,
+            request_id=request_id,
+            outcome=state.get("outcome"),
+            inputs=state.get("trace_inputs"),
+            choices=state.get("choices") or [],
+            usage=usage.as_dict() if usage else None,
+            first_token_seconds=state.get("first_token_seconds"),
+        )
+    )
 
 
 def _log_request(scope: Scope, request_id: str, status: int, seconds: float) -> None:

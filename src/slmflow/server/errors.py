@@ -97,6 +97,8 @@ def as_api_error(error: BaseException, request: Request | None = None) -> ApiErr
 
 def error_response(error: BaseException, request: Request | None = None) -> JSONResponse:
     api_error = as_api_error(error, request)
+    if request is not None:  # the request's log line and trace say what went wrong
+        request.state.outcome = api_error.code or api_error.type
     return JSONResponse(api_error.body(), status_code=api_error.status, headers=api_error.headers)
 
 

@@ -10,13 +10,14 @@ from prometheus_client.registry import Collector
 
 from slmflow.generation.engine import FINISH_REASONS, EngineStats
 from slmflow.generation.openai import Usage
+from slmflow.server.monitoring import MonitorStats
 
 # CPU small models answer their first token in milliseconds to seconds; queueing adds the tail.
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
 class Metrics:
-    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats], monitor: MonitorStats | None = None) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "slmflow_requests", "HTTP requests by route and status", ["route", "status"], registry=self.registry
@@ -34,6 +35,8 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_EngineCollector(stats))
+        if monitor is not None:
+            self.registry.register(_MonitorCollector(monitor))
 
     def answered(self, usage: Usage, first_token_seconds: float | None) -> None:
         self.prompt_tokens.inc(usage.prompt_tokens)
@@ -48,7 +51,7 @@ class Metrics:
 class _EngineCollector(Collector):
     """The scheduler's own counters, read at scrape time (the engine owns them, not the server)."""
 
-    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats], monitor: MonitorStats | None = None) -> None:
         self._stats = stats
 
     def collect(self) -> Iterator[Metric]:
@@ -73,3 +76,20 @@ class _EngineCollector(Collector):
         for reason in FINISH_REASONS:
             finished.add_metric([reason], stats.finished[reason])
         yield finished
+
+
+class _MonitorCollector(Collector):
+    """The monitor's counters: traces handed to MLflow, and traces dropped on the way."""
+
+    def __init__(self, stats: MonitorStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "slmflow_traces_recorded", "Requests recorded as MLflow traces", value=self._stats.traces_recorded
+        )
+        yield CounterMetricFamily(
+            "slmflow_traces_dropped",
+            "Request traces dropped: the tracking server too slow or unreachable",
+            value=self._stats.traces_dropped,
+        )

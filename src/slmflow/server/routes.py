@@ -27,6 +27,7 @@ from slmflow.generation.params import SamplingParams
 from slmflow.server.backend import Backend, Generation
 from slmflow.server.errors import ApiError, as_api_error, client_gone, unauthorized
 from slmflow.server.metrics import Metrics
+from slmflow.server.monitoring import Monitor
 from slmflow.server.schemas import (
     ERROR_RESPONSES,
     INVOCATIONS_BODY,
@@ -51,6 +52,7 @@ class ServerState:
     metrics: Metrics
     model_name: str
     created: int  # when the model was loaded: /v1/models reports it
+    monitor: Monitor | None = None  # traces and serving metrics into MLflow
 
 
 def server(request: Request) -> ServerState:
@@ -162,6 +164,7 @@ async def _complete(
 ) -> Response:
     state = server(request)
     started = asyncio.get_running_loop().time()
+    request.state.trace_inputs = _trace_inputs(body)  # for the monitor, once the request has ended
     params = sampling_params(body.model_dump())
     # Rendering, tokenizing and queueing run on the loop: ONNX Runtime GenAI's Python binding holds
     # the GIL while it tokenizes (and while it decodes), so a worker thread would block the loop
@@ -173,6 +176,7 @@ async def _complete(
     with relay:
         finished = await _unless_client_leaves(request, relay.completions())
     _answered(request, finished, relay.first_token_seconds)
+    request.state.choices = [{"text": c.text, "finish_reason": c.finish_reason} for c in finished]
     return JSONResponse(kind.whole(finished, model=state.model_name))
 
 
@@ -183,15 +187,20 @@ async def _events(request: Request, relay: Relay, kind: _Kind, *, include_usage:
     """
     common = {"id": new_id(kind.id_prefix), "model": server(request).model_name, "created": int(time.time())}
     finished: dict[int, Completion] = {}
+    # What each choice said so far, for the request's trace however the stream ends.
+    choices: list[dict[str, Any]] = [{"text": "", "finish_reason": None} for _ in relay.generations]
+    request.state.choices = choices
     try:
         if kind.announces_role:
             for index in range(len(relay.generations)):
                 yield sse(kind.chunk(**common, index=index, role="assistant", content=""))
         async for delta in relay:
             if delta.completion is None:
+                choices[delta.index]["text"] += delta.text
                 yield sse(kind.chunk(**common, index=delta.index, content=delta.text))
             else:
                 finished[delta.index] = delta.completion
+                choices[delta.index]["finish_reason"] = delta.completion.finish_reason
                 yield sse(kind.chunk(**common, index=delta.index, finish_reason=delta.completion.finish_reason))
     except Exception as error:
         api_error = as_api_error(error, request)
@@ -229,6 +238,11 @@ async def _disconnected(request: Request) -> None:
     # The body is read already, so the next ASGI message is the disconnect, whenever it comes.
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _trace_inputs(body: OpenAIRequest) -> dict[str, Any]:
+    """The request as its trace keeps it: messages or prompt, and every parameter it set."""
+    return body.model_dump(exclude_none=True, exclude={"model"})
 
 
 def _answered(request: Request, completions: list[Completion], first_token_seconds: float | None) -> None:

@@ -29,3 +29,14 @@ class ServerSettings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level of the server and its per-request lines."
     )
+    traces: bool = Field(True, description="Record each request as an MLflow trace in the tracking store.")
+    trace_sample_rate: float = Field(1.0, ge=0, le=1, description="Share of requests traced (0-1).")
+    trace_content: bool = Field(
+        True, description="Keep prompts and answers in traces; false keeps metadata only (privacy)."
+    )
+    trace_experiment: str | None = Field(
+        None, description="MLflow experiment of the traces and the serving run; default: slmflow-serve-<model>."
+    )
+    metrics_interval: float = Field(
+        10.0, ge=0, description="Seconds between serving metrics logged to the server's MLflow run (0: none)."
+    )
