@@ -170,11 +170,14 @@ class Ceiling:
 class HttpSystem:
     """A server in a child process, driven by `concurrency` concurrent clients, one request each."""
 
-    def __init__(self, name: str, command: list[str], request: Request, ready_path: str) -> None:
+    def __init__(
+        self, name: str, command: list[str], request: Request, ready_path: str, env: dict[str, str] | None = None
+    ) -> None:
         self.name, self.request = name, request
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1"}
+        path = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
+        env = {**os.environ, "PATH": path, "HF_HUB_OFFLINE": "1", **(env or {})}
         # The server's stdout for its whole life; closed when the harness exits.
         self.log = tempfile.NamedTemporaryFile(prefix=f"{name}-", suffix=".log", delete=False)  # noqa: SIM115
         command = [part.replace("{port}", str(self.port)) for part in command]
@@ -351,23 +354,20 @@ def systems(models: dict[str, Path], tokens: int, only: set[str]) -> Iterator[Ca
         "min_tokens": tokens,
         "temperature": 0.0,
     }
+    serve = [str(BIN / "slmflow"), "serve", str(models["flavor"]), "--port", "{port}", "--log-level", "warning"]
+    serve += ["--max-batch-size", "16"]
     factories: dict[str, Callable[[], System]] = {
         "ceiling": lambda: Ceiling(models["onnx"], tokens),
         "slmflow-serve": lambda: HttpSystem(
-            "slmflow-serve",
-            [
-                str(BIN / "slmflow"),
-                "serve",
-                str(models["flavor"]),
-                "--port",
-                "{port}",
-                "--log-level",
-                "warning",
-                "--max-batch-size",
-                "16",
-            ],
+            "slmflow-serve", [*serve, "--traces", "false", "--metrics-interval", "0"], stream_chat(tokens), "/health"
+        ),
+        # The same server recording every request as an MLflow trace, and its serving metrics.
+        "slmflow-serve-traced": lambda: HttpSystem(
+            "slmflow-serve-traced",
+            [*serve, "--trace-sample-rate", "1.0"],
             stream_chat(tokens),
             "/health",
+            env={"MLFLOW_TRACKING_URI": f"sqlite:///{models['flavor'].parent / 'traces.db'}"},
         ),
         "tutorial-mlflow": lambda: HttpSystem(
             "tutorial-mlflow",
@@ -449,7 +449,7 @@ def add_ratios(points: list[Point]) -> None:
     round, seconds apart, so a slow spell of the machine cancels out."""
     by = {(p.system, p.concurrency): p for p in points}
     for point in points:
-        for reference in ("ceiling", "tutorial-mlflow"):
+        for reference in ("ceiling", "tutorial-mlflow", "slmflow-serve"):
             base = by.get((reference, point.concurrency))
             if base and all(base.rounds):
                 pairs = [mine / theirs for mine, theirs in zip(point.rounds, base.rounds, strict=True)]
@@ -486,6 +486,10 @@ def markdown(points: list[Point], machine: dict, bandwidth: dict) -> str:
         f"{bandwidth['bytes_per_token'] / 1e6:.1f} MB; bound: {bandwidth['bound_tokens_per_s']:.0f} tokens/s; "
         f"single-stream ceiling decode reaches {bandwidth['single_stream_pct']:.0f}% of it.",
     ]
+    traced = [p for p in points if p.system == "slmflow-serve-traced" and "vs slmflow-serve" in p.ratios]
+    if traced:
+        ratios = ", ".join(f"{p.concurrency} clients {p.ratios['vs slmflow-serve']:.2f}x" for p in traced)
+        lines += ["", f"Every request traced into MLflow, vs tracing off (paired, same run): {ratios}."]
     return "\n".join(lines) + "\n"
 
 
