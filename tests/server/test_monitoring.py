@@ -207,3 +207,29 @@ def test_served_requests_become_an_eval_set_for_the_next_version(traced: LiveSer
     assert json.loads(run.stdout.strip().splitlines()[-1])["metrics"]["accuracy"] == 1.0
     refused = CliRunner().invoke(main, ["traces", "export", "no-such-experiment", "--output", str(output)])
     assert refused.exit_code == 1 and "no experiment named 'no-such-experiment'" in refused.stderr
+
+
+def test_a_zero_sample_rate_traces_nothing_but_still_counts_every_request(onnx_model_path: Path) -> None:
+    settings = ServerSettings(
+        model_uri=str(onnx_model_path),
+        trace_sample_rate=0.0,
+        trace_experiment="monitoring-unsampled",
+        metrics_interval=0.2,
+    )
+    for live in serve(settings):
+        for _ in range(4):
+            assert (
+                live.client().chat.completions.create(model="tiny", messages=SPAIN).choices[0].message.content == MADRID
+            )
+        monitor = live.state.monitor
+        client = mlflow.MlflowClient()
+
+        def counted(monitor: Any = monitor, client: Any = client) -> float:
+            if monitor.run_id is None:
+                return 0
+            return sum(m.value for m in client.get_metric_history(monitor.run_id, "requests"))
+
+        assert wait_until(lambda: counted() >= 4, timeout=60)
+        assert live.metric("slmflow_traces_recorded_total") == 0
+    experiment = mlflow.get_experiment_by_name("monitoring-unsampled")
+    assert mlflow.search_traces(locations=[experiment.experiment_id], return_type="list") == []
