@@ -158,11 +158,14 @@ class Monitor:
         return self.settings.traces and served.route in TRACED_ROUTES and (rate >= 1 or self._random.random() < rate)
 
     def _ensure_experiment(self) -> str | None:
+        """The experiment's id, created if missing (without making it the process's active one)."""
         if self._experiment_id is None:
-            import mlflow
+            from mlflow.tracking import MlflowClient
 
+            client = MlflowClient()
             try:
-                self._experiment_id = mlflow.set_experiment(self.experiment).experiment_id
+                found = client.get_experiment_by_name(self.experiment)
+                self._experiment_id = found.experiment_id if found else client.create_experiment(self.experiment)
             except Exception as e:  # an unreachable or refusing tracking server: dropped, counted
                 self.dropped(f"cannot reach experiment {self.experiment!r}: {_first_line(e)}")
         return self._experiment_id
