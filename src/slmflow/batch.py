@@ -200,8 +200,8 @@ class BatchScorer:
         self, row: dict[str, Any], params: dict[str, Any] | None
     ) -> tuple[list[int], SamplingParams] | SlmflowError:
         try:
-            prompt, sampling, _ = self.pyfunc._request(row, params)  # n is not a param of batch scoring
-            return self.pyfunc.engine.encode(prompt), sampling
+            request = self.pyfunc._request(row, params)  # n is not a param of batch scoring
+            return self.pyfunc.engine.encode(request.prompt), request.sampling
         except SlmflowError as e:
             return e
 

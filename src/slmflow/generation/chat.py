@@ -56,7 +56,18 @@ class ChatTemplate:
         except TemplateError as e:
             raise SlmflowError(f"the model's chat template does not compile: {e}") from e
 
-    def render(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+    @property
+    def knows_tools(self) -> bool:
+        """Does the template render `tools` itself (as transformers passes them)?"""
+        return "tools" in self.source
+
+    def render(
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         from jinja2.exceptions import TemplateError
 
         try:
@@ -65,13 +76,15 @@ class ChatTemplate:
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
+                tools=tools,
             )
         except TemplateError as e:
             raise InvalidRequest(f"the model's chat template rejected the messages: {e}", param="messages") from e
 
 
-def validate_messages(messages: Any) -> list[dict[str, str]]:
-    """Check OpenAI chat messages and return them as plain {role, content[, name]} dicts."""
+def validate_messages(messages: Any) -> list[dict[str, Any]]:
+    """Check OpenAI chat messages and return them as plain {role, content[, name]} dicts (an
+    assistant's `tool_calls` and a tool result's `tool_call_id` kept)."""
     if not isinstance(messages, Sequence) or isinstance(messages, str | bytes) or not messages:
         raise InvalidRequest("messages must be a non-empty list of {role, content} objects", param="messages")
     clean = []
@@ -82,12 +95,39 @@ def validate_messages(messages: Any) -> list[dict[str, str]]:
         role = message.get("role")
         if role not in ROLES:
             raise InvalidRequest(f"{where}.role must be one of {', '.join(ROLES)}; got {role!r}", param=f"{where}.role")
-        content = _content_text(message.get("content"), where)
-        entry = {"role": "system" if role == "developer" else role, "content": content}
+        calls = message.get("tool_calls") if role == "assistant" else None
+        if calls is not None:
+            calls = _tool_calls(calls, where)
+        content = "" if calls and message.get("content") is None else _content_text(message.get("content"), where)
+        entry: dict[str, Any] = {"role": "system" if role == "developer" else role, "content": content}
         if message.get("name"):
             entry["name"] = str(message["name"])
+        if calls:
+            entry["tool_calls"] = calls
+        if role == "tool" and message.get("tool_call_id") is not None:
+            entry["tool_call_id"] = str(message["tool_call_id"])
         clean.append(entry)
     return clean
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """An assistant's earlier calls: [{id, type, function: {name, arguments}}], as OpenAI sends them."""
+    if not isinstance(calls, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name"), str)
+        for c in calls
+    ):
+        raise InvalidRequest(
+            f"{where}.tool_calls must be a list of {{id, type, function: {{name, arguments}}}}",
+            param=f"{where}.tool_calls",
+        )
+    return [
+        {
+            "id": str(c.get("id", "")),
+            "type": "function",
+            "function": {"name": c["function"]["name"], "arguments": str(c["function"].get("arguments", "{}"))},
+        }
+        for c in calls
+    ]
 
 
 def _content_text(content: Any, where: str) -> str:

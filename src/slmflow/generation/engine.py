@@ -26,6 +26,7 @@ from slmflow.generation.chat import ChatTemplate, validate_messages
 from slmflow.generation.openai import Completion, FinishReason, Usage
 from slmflow.generation.params import SamplingParams
 from slmflow.generation.stops import StopMatcher
+from slmflow.generation.tools import Tools, prepare_messages
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -163,10 +164,14 @@ class GenerationEngine:
 
     # --- caller side (any thread) -------------------------------------------------------------
 
-    def render_chat(self, messages: Any) -> str:
+    def render_chat(self, messages: Any, tools: Tools | None = None) -> str:
+        """The prompt for `messages` (and the functions the model may call) in the model's template."""
         if self.chat_template is None:
             raise InvalidRequest("this model has no chat template; send a plain prompt instead", param="messages")
-        return self.chat_template.render(validate_messages(messages))
+        native = self.chat_template.knows_tools
+        prepared = prepare_messages(validate_messages(messages), tools, native=native)
+        shown = [f.as_openai() for f in tools.functions] if tools and tools.active and native else None
+        return self.chat_template.render(prepared, tools=shown)
 
     def encode(self, text: str) -> list[int]:
         with self._tokenizer_lock:

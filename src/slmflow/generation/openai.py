@@ -10,7 +10,9 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-FinishReason = Literal["stop", "length"]
+from slmflow.generation.tools import ToolCall
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class Completion:
     finish_reason: FinishReason
     usage: Usage
     token_ids: tuple[int, ...] = ()
+    tool_calls: tuple[ToolCall, ...] = ()  # set (and text "") when the answer was function calls
 
 
 def new_id(prefix: str = "chatcmpl") -> str:
@@ -50,13 +53,31 @@ def chat_completion(completions: list[Completion], *, model: str, id: str | None
     choices = [
         {
             "index": index,
-            "message": {"role": "assistant", "content": c.text},
+            "message": _message(c),
             "finish_reason": c.finish_reason,
             "logprobs": None,
         }
         for index, c in enumerate(completions)
     ]
     return _envelope("chat.completion", id or new_id(), model, int(time.time()), choices, total_usage(completions))
+
+
+def _message(completion: Completion) -> dict[str, Any]:
+    if completion.tool_calls:
+        return {"role": "assistant", "content": None, "tool_calls": [c.as_openai() for c in completion.tool_calls]}
+    return {"role": "assistant", "content": completion.text}
+
+
+def tool_call_deltas(calls: tuple[ToolCall, ...], piece: int = 16) -> list[list[dict[str, Any]]]:
+    """The `delta.tool_calls` of the chunks that stream `calls`, as OpenAI sends them: for each call
+    first its index, id, type and name with empty arguments, then its arguments in pieces."""
+    deltas: list[list[dict[str, Any]]] = []
+    for index, call in enumerate(calls):
+        head = {"index": index, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}}
+        deltas.append([head])
+        for start in range(0, len(call.arguments), piece):
+            deltas.append([{"index": index, "function": {"arguments": call.arguments[start : start + piece]}}])
+    return deltas
 
 
 def text_completion(completions: list[Completion], *, model: str, id: str | None = None) -> dict[str, Any]:
@@ -78,6 +99,7 @@ def chat_chunk(
     index: int = 0,
     content: str | None = None,
     role: str | None = None,
+    tool_calls: list[dict[str, Any]] | None = None,
     finish_reason: FinishReason | None = None,
     usage: Usage | None = None,
     with_choice: bool = True,
@@ -88,6 +110,8 @@ def chat_chunk(
         delta["role"] = role
     if content is not None:
         delta["content"] = content
+    if tool_calls is not None:
+        delta["tool_calls"] = tool_calls
     choices = (
         [{"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}] if with_choice else []
     )

@@ -8,16 +8,27 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from typing import Any
 
 from slmflow.errors import InvalidRequest, SlmflowError
 from slmflow.generation.engine import GenerationEngine, TokenStream
 from slmflow.generation.openai import Completion, chat_chunk, chat_completion, new_id
 from slmflow.generation.params import SamplingParams
+from slmflow.generation.tools import Tools, answered_with_calls
 from slmflow.onnx_genai.checks import check_request
 
 _MAX_N = 16
-_RowRequest = tuple[str, SamplingParams, int]  # prompt text, sampling params, n
+
+
+@dataclass(frozen=True)
+class _RowRequest:
+    """One input row, ready for the engine."""
+
+    prompt: str
+    sampling: SamplingParams
+    n: int
+    tools: Tools | None = None
 
 
 class OnnxGenAIPyfunc:
@@ -42,6 +53,10 @@ class OnnxGenAIPyfunc:
             # 10,000): submit them in waves that fit, or the rest would be refused as Overloaded.
             for wave in _waves(requests, self.engine.options.max_queue):
                 results += self._run(wave)
+            results = [
+                [answered_with_calls(c, request.tools) for c in group]
+                for request, group in zip(requests, results, strict=True)
+            ]
             if self.task == "chat":
                 answers: list[Any] = [chat_completion(group, model=self.model_name) for group in results]
             else:
@@ -52,11 +67,9 @@ class OnnxGenAIPyfunc:
     def _run(self, requests: list[_RowRequest]) -> list[list[Completion]]:
         """Submit every request at once, so the engine batches them together."""
         streams = iter(
-            self.engine.submit_all(
-                [(prompt, sampling.for_choice(i)) for prompt, sampling, n in requests for i in range(n)]
-            )
+            self.engine.submit_all([(r.prompt, r.sampling.for_choice(i)) for r in requests for i in range(r.n)])
         )
-        return [[next(streams).result() for _ in range(n)] for _, _, n in requests]
+        return [[next(streams).result() for _ in range(r.n)] for r in requests]
 
     def predict_stream(self, model_input: Any, params: dict[str, Any] | None = None) -> Iterator[Any]:
         """Chat: `chat.completion.chunk` dicts; prompt: text pieces. One input row."""
@@ -64,10 +77,12 @@ class OnnxGenAIPyfunc:
             rows = _rows(model_input)
             if len(rows) != 1:
                 raise InvalidRequest(f"predict_stream takes one input row; got {len(rows)}")
-            prompt, sampling, n = self._request(rows[0], params)
-            if n != 1:
+            request = self._request(rows[0], params)
+            if request.n != 1:
                 raise InvalidRequest("predict_stream supports n=1 only", param="n")
-            stream = self.engine.submit(prompt, sampling)
+            if request.tools is not None and request.tools.active:
+                raise InvalidRequest("tools are answered by predict, not predict_stream", param="tools")
+            stream = self.engine.submit(request.prompt, request.sampling)
         with _span("predict_stream", model_input, params) as span:
             try:
                 yield from (self._chat_chunks(stream) if self.task == "chat" else stream)
@@ -85,8 +100,8 @@ class OnnxGenAIPyfunc:
         assert completion is not None
         yield chunk(finish_reason=completion.finish_reason, usage=completion.usage)
 
-    def _request(self, row: dict[str, Any], params: dict[str, Any] | None) -> tuple[str, SamplingParams, int]:
-        """(prompt text, sampling params, n) for one row; row fields override call params and defaults."""
+    def _request(self, row: dict[str, Any], params: dict[str, Any] | None) -> _RowRequest:
+        """One row as the engine takes it; row fields override call params and defaults."""
         # MLflow fills absent params with the signature's defaults (None, []): those must not mask ours.
         call = {k: v for k, v in _plain(params or {}).items() if v not in (None, [])}
         fields = {**self.defaults, **call, **{k: v for k, v in row.items() if k not in ("messages", "prompt")}}
@@ -94,29 +109,47 @@ class OnnxGenAIPyfunc:
         n = fields.get("n") or 1
         if not isinstance(n, int) or not 1 <= n <= _MAX_N:
             raise InvalidRequest(f"n must be an integer from 1 to {_MAX_N}; got {n!r}", param="n")
+        tools = None
         if self.task == "chat":
             if "messages" not in row:
                 raise InvalidRequest("each input row needs 'messages'", param="messages")
-            prompt, prompt_param = self.engine.render_chat(row["messages"]), "messages"
+            tools = Tools.parse(
+                fields.get("tools"), _tool_choice(fields.get("tool_choice")), fields.get("parallel_tool_calls")
+            )
+            if tools is not None and tools.constrained:
+                if sampling.guidance is not None:
+                    raise InvalidRequest(
+                        "response_format cannot be combined with a required tool call", param="tool_choice"
+                    )
+                sampling = replace(sampling, guidance=tools.guidance())
+            prompt, prompt_param = self.engine.render_chat(row["messages"], tools), "messages"
         else:
             text, prompt_param = row.get("prompt"), "prompt"
             if not isinstance(text, str) or not text:
                 raise InvalidRequest("each input row needs a non-empty string 'prompt'", param="prompt")
             prompt = text
         check_request(self.engine, prompt, prompt_param, sampling, n)  # what the runtime cannot run is a 400
-        return prompt, sampling, n
+        return _RowRequest(prompt, sampling, n, tools)
 
 
 def _waves(requests: list[_RowRequest], size: int) -> Iterator[list[_RowRequest]]:
     """Consecutive runs of requests whose completions (n each) number at most `size`."""
     wave: list[_RowRequest] = []
     for request in requests:
-        if wave and sum(n for _, _, n in wave) + request[2] > size:
+        if wave and sum(r.n for r in wave) + request.n > size:
             yield wave
             wave = []
         wave.append(request)
     if wave:
         yield wave
+
+
+def _tool_choice(value: Any) -> Any:
+    """A params `tool_choice` is a string (MLflow params are scalars): auto, required, none, or the
+    name of the one function to call."""
+    if isinstance(value, str) and value not in ("auto", "required", "none"):
+        return {"type": "function", "function": {"name": value}}
+    return value
 
 
 def _rows(model_input: Any) -> list[dict[str, Any]]:

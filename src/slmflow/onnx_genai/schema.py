@@ -18,10 +18,12 @@ def default_input_example(task: str) -> dict[str, Any]:
 
 
 def signature_for(task: str):  # -> mlflow.models.ModelSignature
-    """`chat`: MLflow's llm/v1/chat signature plus `seed`; `prompt`: prompt -> string, params per call."""
+    """`chat`: MLflow's llm/v1/chat signature plus `seed`, with `tools` taking any JSON Schema (MLflow's
+    own allows only type/enum/items/description per property: no lengths, ranges or nesting);
+    `prompt`: prompt -> string, params per call."""
     from mlflow.models import ModelSignature
     from mlflow.types.llm import CHAT_MODEL_INPUT_SCHEMA, CHAT_MODEL_OUTPUT_SCHEMA
-    from mlflow.types.schema import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import AnyType, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
     params = ParamSchema(
         [
@@ -31,10 +33,17 @@ def signature_for(task: str):  # -> mlflow.models.ModelSignature
             ParamSpec("max_tokens", DataType.long, None),
             ParamSpec("seed", DataType.long, None),
             ParamSpec("stop", DataType.string, [], shape=(-1,)),
+            # Chat: auto, required, none, or the name of the function to call (params are scalars).
+            ParamSpec("tool_choice", DataType.string, None),
+            ParamSpec("parallel_tool_calls", DataType.boolean, None),
         ]
     )
     if task == "chat":
-        inputs = Schema([*CHAT_MODEL_INPUT_SCHEMA.inputs, ColSpec(DataType.long, "seed", required=False)])
+        columns = [
+            ColSpec(AnyType(), "tools", required=False) if column.name == "tools" else column
+            for column in CHAT_MODEL_INPUT_SCHEMA.inputs
+        ]
+        inputs = Schema([*columns, ColSpec(DataType.long, "seed", required=False)])
         return ModelSignature(inputs=inputs, outputs=CHAT_MODEL_OUTPUT_SCHEMA, params=params)
     return ModelSignature(
         inputs=Schema([ColSpec(DataType.string, "prompt")]),

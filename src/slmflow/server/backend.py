@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from slmflow.errors import InvalidRequest, Overloaded, SlmflowError
@@ -21,6 +22,7 @@ from slmflow.generation.chat import validate_messages
 from slmflow.generation.engine import EngineStats
 from slmflow.generation.openai import Completion, FinishReason, Usage
 from slmflow.generation.params import SamplingParams
+from slmflow.generation.tools import Tools
 from slmflow.server.settings import ServerSettings
 
 if TYPE_CHECKING:
@@ -49,7 +51,7 @@ class Generation(Protocol):
 class Backend(Protocol):
     """A loaded model as the routes see it. Methods raise InvalidRequest or Overloaded at once."""
 
-    def chat(self, messages: Any, params: SamplingParams, n: int) -> list[Generation]: ...
+    def chat(self, messages: Any, params: SamplingParams, n: int, tools: Tools | None = None) -> list[Generation]: ...
 
     def complete(self, prompt: str, params: SamplingParams, n: int) -> list[Generation]: ...
 
@@ -74,8 +76,14 @@ class OnnxBackend:
         defaults = model.metadata.flavors[FLAVOR_NAME].get("generation_defaults") or {}
         self.defaults = SamplingParams.from_mapping(defaults)
 
-    def chat(self, messages: Any, params: SamplingParams, n: int) -> list[Generation]:
-        return self._submit(self.engine.render_chat(messages), "messages", params, n)
+    def chat(self, messages: Any, params: SamplingParams, n: int, tools: Tools | None = None) -> list[Generation]:
+        if tools is not None and tools.constrained:
+            if params.guidance is not None:
+                raise InvalidRequest(
+                    "response_format cannot be combined with a required tool call", param="tool_choice"
+                )
+            params = replace(params, guidance=tools.guidance())  # the answer must be a valid call
+        return self._submit(self.engine.render_chat(messages, tools), "messages", params, n)
 
     def complete(self, prompt: str, params: SamplingParams, n: int) -> list[Generation]:
         return self._submit(prompt, "prompt", params, n)
@@ -121,7 +129,11 @@ class PyfuncBackend:
         self._stats_lock = threading.Lock()
         self._stats = EngineStats()
 
-    def chat(self, messages: Any, params: SamplingParams, n: int) -> list[Generation]:
+    def chat(self, messages: Any, params: SamplingParams, n: int, tools: Tools | None = None) -> list[Generation]:
+        if tools is not None and tools.active:
+            raise InvalidRequest(
+                "tools need an onnx_genai model; this one is served by MLflow's chat pyfunc", param="tools"
+            )
         if params.guidance:
             raise InvalidRequest(
                 "response_format needs an onnx_genai model; this one is served by MLflow's chat pyfunc",

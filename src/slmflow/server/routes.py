@@ -21,9 +21,11 @@ from slmflow.generation.openai import (
     new_id,
     text_chunk,
     text_completion,
+    tool_call_deltas,
     total_usage,
 )
 from slmflow.generation.params import SamplingParams
+from slmflow.generation.tools import Tools, answered_with_calls, may_be_a_call
 from slmflow.server.backend import Backend, Generation
 from slmflow.server.errors import ApiError, as_api_error, client_gone, unauthorized
 from slmflow.server.metrics import Metrics
@@ -113,8 +115,9 @@ async def metrics(request: Request) -> Response:
 
 @api.post("/v1/chat/completions", responses=COMPLETION_RESPONSES)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    tools = Tools.parse(body.tools, body.tool_choice, body.parallel_tool_calls)
     return await _complete(
-        request, body, CHAT, lambda backend, params: backend.chat(body.messages, params, body.choices)
+        request, body, CHAT, lambda backend, params: backend.chat(body.messages, params, body.choices, tools), tools
     )
 
 
@@ -161,6 +164,7 @@ async def _complete(
     body: OpenAIRequest,
     kind: _Kind,
     start: Callable[[Backend, SamplingParams], list[Generation]],
+    tools: Tools | None = None,
 ) -> Response:
     state = server(request)
     started = asyncio.get_running_loop().time()
@@ -172,36 +176,53 @@ async def _complete(
     generations = start(state.backend, params)
     relay = Relay(generations, started=started, timeout=state.settings.request_timeout)
     if body.stream:
-        return EventStream(_events(request, relay, kind, include_usage=body.include_usage), relay)
+        return EventStream(_events(request, relay, kind, include_usage=body.include_usage, tools=tools), relay)
     with relay:
-        finished = await _unless_client_leaves(request, relay.completions())
+        finished = [answered_with_calls(c, tools) for c in await _unless_client_leaves(request, relay.completions())]
     _answered(request, finished, relay.first_token_seconds)
-    request.state.choices = [{"text": c.text, "finish_reason": c.finish_reason} for c in finished]
+    request.state.choices = [_traced_choice(c) for c in finished]
     return JSONResponse(kind.whole(finished, model=state.model_name))
 
 
-async def _events(request: Request, relay: Relay, kind: _Kind, *, include_usage: bool) -> AsyncGenerator[str, None]:
+async def _events(
+    request: Request, relay: Relay, kind: _Kind, *, include_usage: bool, tools: Tools | None = None
+) -> AsyncGenerator[str, None]:
     """The SSE stream of one request (EventStream cancels its generations, however it ends).
 
-    The status line is sent before the first event, so a failure travels as an error event.
+    The status line is sent before the first event, so a failure travels as an error event. With
+    tools, text that may be a function call is held back until it is clearly not one (then sent as
+    content) or the answer ends (then sent as tool-call deltas).
     """
     common = {"id": new_id(kind.id_prefix), "model": server(request).model_name, "created": int(time.time())}
     finished: dict[int, Completion] = {}
     # What each choice said so far, for the request's trace however the stream ends.
     choices: list[dict[str, Any]] = [{"text": "", "finish_reason": None} for _ in relay.generations]
     request.state.choices = choices
+    held = [tools is not None and tools.active for _ in relay.generations]  # text held back as a possible call
+    sent = [0] * len(relay.generations)  # characters of each choice's text sent as content
     try:
         if kind.announces_role:
             for index in range(len(relay.generations)):
                 yield sse(kind.chunk(**common, index=index, role="assistant", content=""))
         async for delta in relay:
+            index, choice = delta.index, choices[delta.index]
             if delta.completion is None:
-                choices[delta.index]["text"] += delta.text
-                yield sse(kind.chunk(**common, index=delta.index, content=delta.text))
-            else:
-                finished[delta.index] = delta.completion
-                choices[delta.index]["finish_reason"] = delta.completion.finish_reason
-                yield sse(kind.chunk(**common, index=delta.index, finish_reason=delta.completion.finish_reason))
+                choice["text"] += delta.text
+                if held[index] and not (tools and (tools.constrained or may_be_a_call(choice["text"]))):
+                    held[index] = False  # not a call after all: what was held goes out as content
+                if not held[index]:
+                    yield sse(kind.chunk(**common, index=index, content=choice["text"][sent[index] :]))
+                    sent[index] = len(choice["text"])
+                continue
+            completion = answered_with_calls(delta.completion, tools) if held[index] else delta.completion
+            finished[index] = completion
+            choice |= _traced_choice(completion)
+            if completion.tool_calls:
+                for calls in tool_call_deltas(completion.tool_calls):
+                    yield sse(kind.chunk(**common, index=index, tool_calls=calls))
+            elif held[index] and completion.text:
+                yield sse(kind.chunk(**common, index=index, content=completion.text))
+            yield sse(kind.chunk(**common, index=index, finish_reason=completion.finish_reason))
     except Exception as error:
         api_error = as_api_error(error, request)
         if api_error.status >= 500:
@@ -238,6 +259,14 @@ async def _disconnected(request: Request) -> None:
     # The body is read already, so the next ASGI message is the disconnect, whenever it comes.
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _traced_choice(completion: Completion) -> dict[str, Any]:
+    """A finished choice as its trace keeps it."""
+    choice: dict[str, Any] = {"text": completion.text, "finish_reason": completion.finish_reason}
+    if completion.tool_calls:
+        choice["tool_calls"] = [call.as_openai() for call in completion.tool_calls]
+    return choice
 
 
 def _trace_inputs(body: OpenAIRequest) -> dict[str, Any]:

@@ -138,6 +138,12 @@ class OpenAIRequest(BaseModel):
 
 class ChatCompletionRequest(OpenAIRequest):
     messages: list[Any] = Field(json_schema_extra=MESSAGES)
+    # Checked by `Tools.parse` (a 400 naming the field), typed loosely here as the sampling fields are.
+    tools: Any = Field(None, json_schema_extra={"type": ["array", "null"], "items": {"type": "object"}})
+    tool_choice: Any = Field(
+        None, json_schema_extra={"anyOf": [{"type": "string"}, {"type": "object"}, {"type": "null"}]}
+    )
+    parallel_tool_calls: Any = Field(None, json_schema_extra={"type": ["boolean", "null"]})
 
 
 class CompletionRequest(OpenAIRequest):
