@@ -5,17 +5,17 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-stress lint format venv bench clean
+.PHONY: demo test test-stress lint format venv browser bench clean
 
 demo: $(VENV)/.installed
 	$(BIN)/slmflow demo
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The same suite while a busy loop holds one of the two cores: a test that assumes how fast the
 # machine is fails here before it fails in CI.
-test-stress: $(VENV)/.installed
+test-stress: $(VENV)/.installed browser
 	@$(BIN)/python -c 'while True: pass' & hog=$$!; trap 'kill $$hog' EXIT; \
 	echo "CPU hog running (pid $$hog)"; $(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -30,6 +30,12 @@ format: $(VENV)/.installed
 	$(BIN)/ruff format src tests benchmarks
 
 venv: $(VENV)/.installed
+
+# The playground's tests drive a real browser: Debian's Chromium and its WebDriver.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; }
 
 # torch first and pinned: an unpinned torch pulled in by another package would be a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml constraints.txt

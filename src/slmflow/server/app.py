@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from slmflow.generation.openai import new_id
@@ -36,16 +37,17 @@ def create_app(settings: ServerSettings | None = None, backend: Backend | None =
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         served = backend if backend is not None else await run_in_threadpool(load_backend, settings)
         name = served_name(settings)
-        monitor = None
-        if settings.traces or settings.metrics_interval > 0:
-            identity = await run_in_threadpool(model_identity, settings, name)
-            monitor = Monitor(settings, identity, served.stats)
+        identity = await run_in_threadpool(model_identity, settings, name)
+        monitor = (
+            Monitor(settings, identity, served.stats) if settings.traces or settings.metrics_interval > 0 else None
+        )
         app.state.slmflow = routes.ServerState(
             settings=settings,
             backend=served,
             metrics=Metrics(served.stats, monitor.stats if monitor else None),
             model_name=name,
             created=int(time.time()),
+            identity=identity,
             monitor=monitor,
         )
         try:
@@ -71,6 +73,11 @@ def create_app(settings: ServerSettings | None = None, backend: Backend | None =
     app.include_router(routes.api)
     if locked:
         app.include_router(routes.keyed_schema)
+    if settings.playground:
+        # A static page, open like the docs would be: everything it shows comes through the API,
+        # which needs the key (the page asks for it).
+        app.include_router(routes.playground)
+        app.mount("/playground", StaticFiles(directory=routes.PLAYGROUND), name="playground")
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestLog)  # outermost: it sees every answer, 413s included
     return app

@@ -8,10 +8,11 @@ import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from slmflow.generation.openai import (
@@ -29,7 +30,7 @@ from slmflow.generation.tools import Tools, answered_with_calls, may_be_a_call
 from slmflow.server.backend import Backend, Generation
 from slmflow.server.errors import ApiError, as_api_error, client_gone, unauthorized
 from slmflow.server.metrics import Metrics
-from slmflow.server.monitoring import Monitor
+from slmflow.server.monitoring import ModelIdentity, Monitor
 from slmflow.server.schemas import (
     ERROR_RESPONSES,
     INVOCATIONS_BODY,
@@ -54,6 +55,7 @@ class ServerState:
     metrics: Metrics
     model_name: str
     created: int  # when the model was loaded: /v1/models reports it
+    identity: ModelIdentity | None = None  # the served model's URI, LoggedModel and registered version
     monitor: Monitor | None = None  # traces and serving metrics into MLflow
 
 
@@ -102,8 +104,22 @@ async def health(request: Request) -> dict[str, str]:
 @api.get("/v1/models")
 async def models(request: Request) -> dict[str, Any]:
     state = server(request)
-    model = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "slmflow"}
+    model: dict[str, Any] = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "slmflow"}
+    if state.identity is not None:  # beyond OpenAI's fields: where the model came from
+        model["model_uri"] = state.identity.uri
+        if state.identity.registered:
+            model["registered_model"], model["version"] = state.identity.registered
     return {"object": "list", "data": [model]}
+
+
+PLAYGROUND = Path(__file__).parent / "playground"
+playground = APIRouter(include_in_schema=False)
+
+
+@playground.get("/")
+async def playground_page() -> FileResponse:
+    """The chat playground (its script and style are under /playground)."""
+    return FileResponse(PLAYGROUND / "index.html", media_type="text/html")
 
 
 @api.get("/metrics", responses={200: {"content": {"text/plain": {}}}})

@@ -29,6 +29,7 @@ class ServerSettings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level of the server and its per-request lines."
     )
+    playground: bool = Field(True, description="Serve the chat playground page at /.")
     traces: bool = Field(True, description="Record each request as an MLflow trace in the tracking store.")
     trace_sample_rate: float = Field(1.0, ge=0, le=1, description="Share of requests traced (0-1).")
     trace_content: bool = Field(
