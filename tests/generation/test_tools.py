@@ -121,3 +121,30 @@ def test_the_fallback_prompt_lists_the_functions_and_writes_the_history_readably
     assert prepared[3] == {"role": "user", "content": "Result of tool call call_1: 18 C, sunny"}
     # A template that knows tools gets the history as it is.
     assert prepare_messages(history, Tools.parse([WEATHER]), native=True) == history
+
+
+def test_a_template_that_knows_tools_gets_them_as_transformers_passes_them() -> None:
+    from slmflow.generation.chat import ChatTemplate
+
+    source = (
+        "{% if tools %}<tools>{{ tools | tojson }}</tools>{% endif %}"
+        "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% for c in m.tool_calls or [] %}"
+        "<tool_call>{{ c.function.name }}</tool_call>{% endfor %}</{{ m.role }}>{% endfor %}"
+    )
+    template = ChatTemplate(source)
+    assert template.knows_tools and not ChatTemplate("{{ messages[0].content }}").knows_tools
+    tools = Tools.parse([WEATHER])
+    history = [
+        {"role": "user", "content": "Weather?"},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}],
+        },
+        {"role": "tool", "content": "sunny", "tool_call_id": "c1"},
+    ]
+    shown = [f.as_openai() for f in tools.functions]
+    rendered = template.render(prepare_messages(history, tools, native=True), tools=shown)
+    assert rendered.startswith("<tools>[{") and '"name": "get_weather"' in rendered
+    assert "<assistant><tool_call>get_weather</tool_call></assistant><tool>sunny</tool>" in rendered
+    assert "You may call" not in rendered  # no fallback instructions for a template that knows tools
