@@ -44,6 +44,14 @@ def test_bad_tools_name_the_field(tools, choice, param: str) -> None:
     assert error.value.param == param
 
 
+@pytest.mark.parametrize("tools", [None, [], [WEATHER]])
+def test_parallel_tool_calls_must_be_a_boolean_with_or_without_tools(tools) -> None:
+    # Found by the schema fuzzer: with no tools, parallel_tool_calls=2 used to pass unchecked.
+    with pytest.raises(InvalidRequest) as error:
+        Tools.parse(tools, None, 2)
+    assert error.value.param == "parallel_tool_calls"
+
+
 def test_choices_and_the_guidance_that_holds_a_call_to_its_schema() -> None:
     assert Tools.parse(None) is None and Tools.parse([], "none") is None
     auto = Tools.parse([WEATHER, TIME])

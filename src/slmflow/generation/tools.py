@@ -71,6 +71,8 @@ class Tools:
     @classmethod
     def parse(cls, tools: Any, tool_choice: Any = None, parallel_tool_calls: Any = None) -> Tools | None:
         """None when the request has no tools (or `tool_choice` "none" with none to hide)."""
+        if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
+            raise InvalidRequest("parallel_tool_calls must be true or false", param="parallel_tool_calls")
         if tools is None or tools == []:
             if tool_choice not in (None, "none", "auto"):
                 raise InvalidRequest("tool_choice needs tools", param="tool_choice")
@@ -81,8 +83,6 @@ class Tools:
         names = [f.name for f in functions]
         if len(set(names)) != len(names):
             raise InvalidRequest("tools must have distinct function names", param="tools")
-        if parallel_tool_calls is not None and not isinstance(parallel_tool_calls, bool):
-            raise InvalidRequest("parallel_tool_calls must be true or false", param="parallel_tool_calls")
         parallel = parallel_tool_calls is not False
         if tool_choice is None or tool_choice in ("auto", "required", "none"):
             return cls(functions, tool_choice or "auto", parallel=parallel)
