@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-stress lint format venv browser bench clean
+.PHONY: demo test test-stress fuzz lint format venv browser postgres bench clean
 
 demo: $(VENV)/.installed
 	$(BIN)/slmflow demo
@@ -18,6 +18,10 @@ test: $(VENV)/.installed browser
 test-stress: $(VENV)/.installed browser
 	@$(BIN)/python -c 'while True: pass' & hog=$$!; trap 'kill $$hog' EXIT; \
 	echo "CPU hog running (pid $$hog)"; $(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The API fuzzer at five times the suite's depth, with a new seed each run (the suite's seed is fixed).
+fuzz: $(VENV)/.installed
+	SLMFLOW_FUZZ_SEED=random SLMFLOW_FUZZ_SCALE=5 $(BIN)/python -m pytest tests/reliability/test_fuzz.py
 
 # Lint, format check and type check: what .ci/run runs before the tests.
 lint: $(VENV)/.installed

@@ -76,6 +76,8 @@ def _quiet_libraries() -> None:
     import logging
 
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
+    # With a tracking server MLflow writes run links to stdout, which would break `--json` output.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # Offline, MLflow cannot fetch a model card or license for a local checkpoint: expected, not news.
     logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -256,9 +258,10 @@ def _register_commands() -> None:
     from slmflow.cli.bench import bench
     from slmflow.cli.evaluate import compare, eval_command, promote
     from slmflow.cli.serve import chat, serve
+    from slmflow.cli.team import server
     from slmflow.cli.traces import traces
 
-    for command in (eval_command, promote, compare, serve, chat, bench, batch, traces):
+    for command in (eval_command, promote, compare, serve, chat, bench, batch, traces, server):
         main.add_command(command)
 
 

@@ -134,8 +134,10 @@ def _content_text(content: Any, where: str) -> str:
     """Plain text of a message: a string, or OpenAI's list of text parts."""
     if isinstance(content, str):
         return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text", "")) for p in content)
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
+        return "".join(p["text"] for p in content)
     raise InvalidRequest(f"{where}.content must be a string or a list of text parts", param=f"{where}.content")
 
 
