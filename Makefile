@@ -10,12 +10,12 @@ export TOKENIZERS_PARALLELISM := false
 demo: $(VENV)/.installed
 	$(BIN)/slmflow demo
 
-test: $(VENV)/.installed browser
+test: $(VENV)/.installed browser postgres
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The same suite while a busy loop holds one of the two cores: a test that assumes how fast the
 # machine is fails here before it fails in CI.
-test-stress: $(VENV)/.installed browser
+test-stress: $(VENV)/.installed browser postgres
 	@$(BIN)/python -c 'while True: pass' & hog=$$!; trap 'kill $$hog' EXIT; \
 	echo "CPU hog running (pid $$hog)"; $(BIN)/python -m pytest $(PYTEST_ARGS)
 
@@ -40,6 +40,12 @@ browser:
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
 	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; }
+
+# Team mode's tests run a real PostgreSQL behind `mlflow server` (slmflow server starts its own cluster).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q postgresql; }
 
 # torch first and pinned: an unpinned torch pulled in by another package would be a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml constraints.txt

@@ -13,6 +13,7 @@ import logging
 import socket
 import tempfile
 import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,7 +22,7 @@ from slmflow import convert
 from slmflow.checkpoints import Checkpoint, resolve
 from slmflow.errors import QualityBudgetExceeded, SlmflowError
 from slmflow.onnx_genai.schema import CHAT_EXAMPLE, TASKS
-from slmflow.progress import Progress
+from slmflow.progress import Progress, reading
 
 if TYPE_CHECKING:
     from slmflow.evaluation.quality import QualityReport
@@ -151,6 +152,7 @@ def end_interrupted_runs(experiment_id: str, current_run_id: str) -> list[str]:
     says so and ends it. Nothing else changes: such a run never registered a version (registration
     is its last step), and what it logged stays for inspection.
     """
+    from mlflow.entities import LoggedModelStatus
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient()
@@ -162,11 +164,19 @@ def end_interrupted_runs(experiment_id: str, current_run_id: str) -> list[str]:
         if stale.info.run_id == current_run_id or _process_alive(stale.data.tags.get(PROCESS_TAG, "")):
             continue
         client.set_terminated(stale.info.run_id, status="KILLED")
+        # A model cut off mid-upload stays PENDING: mark it FAILED so nobody takes it for a model.
+        # (Filtered here, not by `status = 'PENDING'`: on PostgreSQL MLflow compares its integer
+        # column with the string and the search fails.)
+        logged = client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{stale.info.run_id}'")
+        pending = [model for model in logged if model.status == LoggedModelStatus.PENDING]
+        for model in pending:
+            client.finalize_logged_model(model.model_id, "FAILED")
         ended.append(stale.info.run_id)
         log.warning(
-            "run %s (%s) was interrupted before it finished: its process is gone; marked KILLED, nothing was registered",
+            "run %s (%s) was interrupted before it finished: its process is gone; marked KILLED%s, nothing was registered",
             stale.info.run_id,
             stale.info.run_name,
+            f" and its unfinished model {', '.join(m.model_id for m in pending)} FAILED" if pending else "",
         )
     return ended
 
@@ -289,9 +299,9 @@ def _log_onnx(
     if note:
         mlflow.set_tag("quality", note)
     metrics["model_size_bytes"] = float(sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()))
-    _say(progress, "logging the model to MLflow")
     defaults = {"model_name": spec.name or _source_name(spec.source), **spec.generation_defaults}
-    info = onnx_genai.log_model(folder, name="model", task=spec.task, generation_defaults=defaults)
+    with _uploading(progress, int(metrics["model_size_bytes"]), skip=folder):
+        info = onnx_genai.log_model(folder, name="model", task=spec.task, generation_defaults=defaults)
     return info.model_uri, quality, note
 
 
@@ -339,17 +349,27 @@ def _log_transformers(
             f.stat().st_size for f in checkpoint.path.rglob("*") if f.is_file() and f.suffix in {".safetensors", ".bin"}
         )
     )
-    _say(progress, "logging the model to MLflow")
-    info = mlflow.transformers.log_model(
-        transformers_model=pipe,
-        name="model",
-        task="llm/v1/chat",
-        model_config=transformers_model_config(spec.generation_defaults),
-        input_example=CHAT_EXAMPLE,
-        # MLflow's default adds torchvision, which does not install beside the CPU torch build.
-        pip_requirements=transformers_requirements(),
-    )
+    with _uploading(progress, int(metrics["model_size_bytes"]), skip=checkpoint.path):
+        info = mlflow.transformers.log_model(
+            transformers_model=pipe,
+            name="model",
+            task="llm/v1/chat",
+            model_config=transformers_model_config(spec.generation_defaults),
+            input_example=CHAT_EXAMPLE,
+            # MLflow's default adds torchvision, which does not install beside the CPU torch build.
+            pip_requirements=transformers_requirements(),
+        )
     return info.model_uri
+
+
+def _uploading(progress: Progress | None, size: int, skip: Path) -> AbstractContextManager[None]:
+    """Progress of logging the model, in MB: MLflow saves it to a temporary folder, then uploads it
+    from there (to the tracking server, or copies it into the local artifact store)."""
+    import mlflow
+
+    where = mlflow.get_tracking_uri()
+    message = f"uploading the model to {where}" if where.startswith("http") else "logging the model to MLflow"
+    return reading(progress, message, size, under=Path(tempfile.gettempdir()), skip=skip)
 
 
 def transformers_model_config(defaults: dict[str, Any]) -> dict[str, Any]:

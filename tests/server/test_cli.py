@@ -68,6 +68,14 @@ def test_chat_answers_one_message(onnx_model_path: Path) -> None:
     assert result.stdout == MADRID + "\n"
 
 
+def test_chat_answers_with_a_transformers_route_model(packaged: dict[str, dict]) -> None:
+    # Its answers arrive whole rather than streamed; chat used to expect a stream and crashed.
+    uri = packaged["transformers-chat"]["model_uri"]
+    result = CliRunner().invoke(cli(), ["chat", uri, "--message", SPAIN[0]["content"], "--max-tokens", "16"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("The capital of Spain is Madrid"), result.stdout
+
+
 def test_chat_keeps_a_conversation_until_end_of_input(onnx_model_path: Path) -> None:
     turns = "What is the capital of Spain?\n\nWhat is the capital of Spain?\n"
     result = CliRunner().invoke(cli(), ["chat", str(onnx_model_path), "--max-tokens", "12"], input=turns)

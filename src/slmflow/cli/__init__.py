@@ -21,16 +21,38 @@ class _Group(click.Group):
     """Turns user errors into one line on stderr and exit code 1, never a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        argv = [*ctx.protected_args, *ctx.args]  # the subcommand and its arguments, before click takes them
         try:
             return super().invoke(ctx)
         except SlmflowError as e:
+            if isinstance(e.__cause__, Exception):
+                _remote_failure(e.__cause__, self, ctx, argv)
             _fail(str(e))
         except Exception as e:
             from mlflow.exceptions import MlflowException
 
+            _remote_failure(e, self, ctx, argv)
             if isinstance(e, MlflowException):
                 _fail(e.message)
             raise
+
+
+def _remote_failure(error: Exception, group: click.Group, ctx: click.Context, argv: list[str]) -> None:
+    """A tracking server's 401/403 becomes one line naming the user, the permission and the model;
+    a server that does not answer, one line saying so."""
+    from slmflow import remote
+
+    if absent := remote.unreachable(error):
+        _fail(absent)
+    if not remote.refusal(error):
+        return
+    params: dict[str, object] = {}
+    command = group.get_command(ctx, argv[0]) if argv else None
+    if command is not None:  # the subcommand's arguments parsed again, to name the model it worked on
+        with click.Context(command, parent=ctx, resilient_parsing=True) as sub:
+            command.parse_args(sub, argv[1:])
+            params = dict(sub.params)
+    _fail(remote.describe(error, remote.model_name(params)))
 
 
 def _fail(message: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -123,7 +123,7 @@ def _answer(backend: Any, history: list[dict[str, str]], text: str, params: Any)
     generation = backend.chat(history, params, 1)[0]
     pieces: list[str] = []
     try:
-        for piece in generation:
+        for piece in _pieces(generation):
             click.echo(piece, nl=False)
             pieces.append(piece)
     except KeyboardInterrupt:
@@ -131,6 +131,21 @@ def _answer(backend: Any, history: list[dict[str, str]], text: str, params: Any)
         click.echo(" [stopped]", nl=False)
     click.echo()
     history.append({"role": "assistant", "content": "".join(pieces)})
+
+
+def _pieces(generation: Any) -> Iterator[str]:
+    """The text of a backend's Generation as it arrives (streamed by the engine, whole by a pyfunc)."""
+    import threading
+
+    woken = threading.Event()
+    generation.listen(woken.set)
+    while True:
+        woken.wait(0.5)
+        woken.clear()
+        if text := generation.poll():
+            yield text
+        if generation.completion is not None:
+            return
 
 
 def _read_turn() -> str | None:
