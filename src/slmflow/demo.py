@@ -61,7 +61,10 @@ def run_demo(progress: Progress, echo: Callable[[str], None] | None = print) -> 
         say(f"  A: {answer}")
     say("")
     say(f"done in {report['seconds']:.0f}s. Browse these runs and models with:")
-    say(f"  .venv/bin/mlflow ui --backend-store-uri {report['tracking_uri']}")
+    if report["tracking_uri"].startswith(("http://", "https://")):
+        say(f"  a browser, at {report['tracking_uri']} (the team's tracking server)")
+    else:
+        say(f"  .venv/bin/mlflow ui --backend-store-uri {report['tracking_uri']}")
     return report
 
 

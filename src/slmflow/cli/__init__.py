@@ -100,6 +100,8 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # read when mlflow is first imported
     # With a tracking server MLflow writes run links to stdout, which would break `--json` output.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    if not sys.stderr.isatty():  # MLflow's download bar, in a log, is a line per file
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # Offline, MLflow cannot fetch a model card or license for a local checkpoint: expected, not news.
     logging.getLogger("mlflow.transformers").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
