@@ -10,6 +10,7 @@ server that acts when it sees the model's upload request go by.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -175,6 +176,27 @@ def test_the_whole_path_through_the_team_server(team: Team, onnx_int4: Path, tmp
     batch = json.loads(result.stdout.strip().splitlines()[-1])
     assert (batch["rows"], batch["error_rows"]) == (4, 0)
     assert client.get_run(batch["run_id"]).info.status == "FINISHED"
+
+
+def test_packaging_reports_the_upload_through_the_server(team: Team, onnx_int4: Path) -> None:
+    import mlflow
+
+    from slmflow.packaging import PackageSpec, package
+
+    updates: list[tuple[str, int, int]] = []
+    team.client()  # the admin's credentials in this process's environment
+    previous = mlflow.get_tracking_uri(), mlflow.get_experiment_by_name("slmflow-tests")
+    mlflow.set_tracking_uri(team.url)
+    mlflow.set_experiment("team")
+    try:
+        result = package(PackageSpec(source=str(onnx_int4)), lambda *update: updates.append(update))
+    finally:
+        mlflow.set_tracking_uri(previous[0])
+        mlflow.set_experiment(experiment_id=previous[1].experiment_id)
+    upload = [(done, total) for message, done, total in updates if message == f"uploading the model to {team.url}"]
+    size_mb = max(1, int(result.metrics["model_size_bytes"]) // 2**20)
+    assert upload[0] == (0, size_mb) and upload[-1] == (size_mb, size_mb), upload
+    assert all(a[0] <= b[0] for a, b in itertools.pairwise(upload)), upload  # it only moves forward
 
 
 def test_the_transformers_route_through_the_team_server(team: Team, tiny_checkpoint: Path) -> None:

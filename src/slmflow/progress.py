@@ -35,6 +35,7 @@ def reading(
     def watch() -> None:
         finished: dict[str, int] = {}  # file -> its size, once seen open and then closed
         reading_now: dict[str, int] = {}
+        shown = 0
         me = psutil.Process()
         while not stop.wait(0.2):
             try:
@@ -49,8 +50,10 @@ def reading(
             for path in reading_now.keys() - seen.keys():
                 finished[path] = _size(path)
             reading_now = seen
-            done = sum(finished.values()) + sum(seen.values())
-            progress(message, min(done // 2**20, total_mb), total_mb)
+            done = sum(size for path, size in finished.items() if path not in seen) + sum(seen.values())
+            # A file read twice (checked, then sent) would move the bar back: it only moves forward.
+            shown = max(shown, min(done // 2**20, total_mb))
+            progress(message, shown, total_mb)
 
     progress(message, 0, total_mb)
     watcher = threading.Thread(target=watch, name="slmflow-read-progress", daemon=True)
