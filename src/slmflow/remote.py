@@ -82,8 +82,12 @@ def _rule(endpoint: str) -> tuple[str, str]:
 
 
 def _experiment_name() -> str:
-    """The experiment this process logs to: MLFLOW_EXPERIMENT_NAME, or MLflow's default one."""
-    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or "Default"
+    """The experiment this process logs to, as MLflow picks it from the environment."""
+    if name := os.environ.get("MLFLOW_EXPERIMENT_NAME"):
+        return name
+    if experiment_id := os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return f"id {experiment_id}"
+    return "Default"
 
 
 def unreachable(error: BaseException) -> str | None:

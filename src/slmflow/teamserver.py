@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import secrets
 import shutil
@@ -23,6 +22,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,9 +94,8 @@ class TeamServer:
         _pg(self.postgres_data, "pg_ctl", "-D", str(self.postgres_data), "-m", "fast", "-w", "stop", check=False)
 
 
-def start(spec: TeamServerSpec, say: Any = None) -> TeamServer:
+def start(spec: TeamServerSpec, say: Callable[[str], None] = lambda message: None) -> TeamServer:
     """Start PostgreSQL (initialised and its databases created on first use), then `mlflow server`."""
-    say = say or (lambda message: None)
     spec.folder.mkdir(parents=True, exist_ok=True)
     data = postgres_folder(spec.folder)
     say(f"starting PostgreSQL ({data})")
@@ -286,7 +285,3 @@ def _log_tail(folder: Path) -> str:
     lines = (folder / "mlflow-server.log").read_text(errors="replace").strip().splitlines()
     errors = [line for line in lines if "Error" in line or "error" in line]
     return (errors or lines or ["(no output)"])[-1]
-
-
-def dumps(server: TeamServer) -> str:
-    return json.dumps(server.describe())
