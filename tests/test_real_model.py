@@ -113,3 +113,37 @@ def test_a_build_over_its_quality_budget_fails_its_run_and_registers_nothing(smo
     assert failed.data.metrics["quality.perplexity_increase_pct"] == pytest.approx(measured, abs=0.01)
     assert not MlflowClient().search_registered_models(f"name = '{NAME}-over-budget'")
     assert not [a for a in MlflowClient().list_artifacts(failed.info.run_id) if a.path == "model"]
+
+
+def test_a_continuing_conversation_answers_as_without_prefix_reuse(smol_default: dict) -> None:
+    from importlib.resources import files
+
+    from slmflow.generation.engine import EngineOptions, GenerationEngine
+    from slmflow.generation.params import SamplingParams
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion"))
+    folder = local / mlflow.models.Model.load(str(local)).flavors["onnx_genai"]["model_dir"]
+    text = files("slmflow.data").joinpath("reference.txt").read_text()[:1500]
+    turns = [f"Here is a text:\n{text}\nWhat is it about?", *FACTS]
+    greedy = SamplingParams(temperature=0.0, max_tokens=48)
+    answers: dict[str, list] = {}
+    for name, options in {"reusing": EngineOptions(), "fresh": EngineOptions(prefix_cache_bytes=0)}.items():
+        engine = GenerationEngine(folder, options)
+        try:
+            messages: list[dict[str, str]] = []
+            for turn in turns:
+                messages.append({"role": "user", "content": turn})
+                completion = engine.generate(engine.render_chat(messages), greedy)
+                messages.append({"role": "assistant", "content": completion.text})
+                answers.setdefault(name, []).append(completion)
+            if name == "reusing":
+                assert engine.stats.prefix_hits == len(turns) - 1
+        finally:
+            engine.close()
+    assert [c.token_ids for c in answers["reusing"]] == [c.token_ids for c in answers["fresh"]]
+    first, *later = answers["reusing"]
+    assert first.usage.prompt_tokens >= 256  # long enough to be kept
+    previous = first
+    for completion in later:  # each turn reads only the previous answer and the new message
+        assert completion.usage.cached_tokens == previous.usage.prompt_tokens
+        previous = completion

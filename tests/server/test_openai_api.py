@@ -251,6 +251,23 @@ def test_metrics_count_requests_tokens_and_first_tokens(server: LiveServer, clie
     assert server.metric("slmflow_queue_depth") == 0
 
 
+def test_a_continuing_conversation_reports_its_cached_prompt_tokens(server: LiveServer, client) -> None:
+    # A system prompt long enough to be kept (256 tokens by default), then two turns sent whole.
+    messages = [{"role": "system", "content": "You answer questions about capitals. " * 40}, *SPAIN]
+    hits, cached = server.metric("slmflow_prefix_cache_hits_total"), server.metric("slmflow_prefix_cached_tokens_total")
+    first = client.chat.completions.create(model="tiny", messages=messages, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0 and first.usage.prompt_tokens >= 256
+    messages += [{"role": "assistant", "content": first.choices[0].message.content}, *SPAIN]
+    stream = client.chat.completions.create(
+        model="tiny", messages=messages, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    usage = next(chunk.usage for chunk in stream if chunk.usage)
+    assert first.usage.prompt_tokens <= usage.prompt_tokens_details.cached_tokens < usage.prompt_tokens
+    assert server.metric("slmflow_prefix_cache_hits_total") == hits + 1
+    assert server.metric("slmflow_prefix_cached_tokens_total") == cached + usage.prompt_tokens_details.cached_tokens
+    assert server.metric("slmflow_prefix_cache_bytes") > 0
+
+
 def test_one_log_line_per_request(server: LiveServer, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="slmflow.server"):
         response = httpx.post(f"{server.url}/v1/chat/completions", json={"messages": SPAIN}, timeout=30)

@@ -25,6 +25,7 @@ from slmflow.errors import InvalidRequest, Overloaded, SlmflowError
 from slmflow.generation.chat import ChatTemplate, validate_messages
 from slmflow.generation.openai import Completion, FinishReason, Usage
 from slmflow.generation.params import SamplingParams
+from slmflow.generation.prefix_cache import PrefixCache
 from slmflow.generation.stops import StopMatcher
 from slmflow.generation.tools import Tools, prepare_messages
 
@@ -46,6 +47,13 @@ class EngineOptions:
     # least as many can join as are running: it restarts with its rows' text so far as their
     # prompts (one re-read of them) rather than leave the newcomers waiting for its whole generation.
     join_steps: int = 8
+    # Prefix reuse (generation/prefix_cache.py): the KV state of requests that ran alone is kept, up
+    # to this many bytes (0: off), for a later request whose prompt starts the same way. Prompts
+    # shorter than prefix_min_tokens are cheap to read again and are not kept; a Generator meant for
+    # keeping has room for prefix_headroom more tokens, so a conversation's next turn fits in it.
+    prefix_cache_bytes: int = 1 << 30
+    prefix_min_tokens: int = 256
+    prefix_headroom: int = 512
 
 
 @dataclass(eq=False)  # identity: requests are found in the queue by who they are
@@ -156,6 +164,7 @@ class GenerationEngine:
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self.stats = EngineStats()
+        self._prefixes = PrefixCache(self.options.prefix_cache_bytes, _kv_bytes_per_token(config))
         self._thread = threading.Thread(target=self._owner, name=f"slmflow-engine-{self.model_dir.name}", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -289,6 +298,7 @@ class GenerationEngine:
                     work.run(self._og, self._model)
                 elif work:
                     self._run_safely(work)
+            self._prefixes.clear()  # the kept Generators go with the model, on its thread
         except BaseException:
             # A bug here would otherwise leave every caller waiting for an owner that is gone.
             log.exception("the generation engine's owner thread failed; the model is unloaded")
@@ -381,15 +391,19 @@ class GenerationEngine:
         rows = [_Row(r, self._tokenizer.create_stream(), self.stats) for r in batch]
         everyone = list(rows)
         self.stats.batch_started(len(rows))
-        while joiners := self._decode(self._start(rows), rows):
+        generator, max_length = self._reuse(rows) or self._start(rows)
+        while joiners := self._decode(generator, rows):
             newcomers = [_Row(r, self._tokenizer.create_stream(), self.stats) for r in joiners]
             everyone += newcomers
             rows = [row for row in rows if not row.finished] + newcomers
             self.stats.joined(len(newcomers), running=len(rows))
+            generator, max_length = self._start(rows)
+        self._keep(generator, max_length, rows)
         self.stats.batch_finished(sum(row.generated for row in everyone))
 
-    def _start(self, rows: list[_Row]) -> Any:
-        """A Generator that has read every row's prompt and the tokens it generated so far."""
+    def _start(self, rows: list[_Row]) -> tuple[Any, int]:
+        """A Generator that has read every row's prompt and the tokens it generated so far, and the
+        length of its KV buffer."""
         import numpy as np
 
         og = self._og
@@ -398,6 +412,8 @@ class GenerationEngine:
         params = og.GeneratorParams(self._model)
         first = rows[0].request.params
         to_come = max(row.to_come for row in rows)
+        if self._keepable(rows):  # room for the conversation's next turn, to be read into it
+            to_come = min(to_come + self.options.prefix_headroom, self.context_length - width)
         at_least = max(row.min_to_come for row in rows)
         params.set_search_options(**_search_options(first, len(rows), width, to_come, at_least))
         if first.guidance:  # guided requests run alone and never take newcomers: no restart re-applies it
@@ -407,7 +423,47 @@ class GenerationEngine:
         for index, context in enumerate(contexts):
             tokens[index, : len(context)] = context
         generator.append_tokens(tokens if len(rows) > 1 else tokens[0])
-        return generator
+        return generator, width + to_come
+
+    def _keepable(self, rows: list[_Row]) -> bool:
+        """Would this batch's Generator be kept for prefix reuse (see _reuse)?"""
+        if len(rows) != 1 or _prefix_key(rows[0].request) is None:
+            return False
+        prompt = len(rows[0].request.prompt_ids)
+        room = min(prompt + rows[0].to_come + self.options.prefix_headroom, self.context_length)
+        return prompt >= self.options.prefix_min_tokens and self._prefixes.fits(room)
+
+    def _reuse(self, rows: list[_Row]) -> tuple[Any, int] | None:
+        """A kept Generator that already read the start of this lone request's prompt, having read
+        the rest of it; None when there is none (or the request may not use one)."""
+        import numpy as np
+
+        if len(rows) != 1 or (key := _prefix_key(rows[0].request)) is None or not len(self._prefixes):
+            return None
+        row = rows[0]
+        prompt = row.request.prompt_ids
+        taken = self._prefixes.take(key, prompt, len(prompt) + row.to_come, self.options.prefix_min_tokens)
+        self.stats.prefix_cache_bytes = self._prefixes.nbytes
+        if taken is None:
+            self.stats.prefix_misses += 1
+            return None
+        generator, reused, max_length = taken
+        generator.append_tokens(np.asarray(prompt[reused:], dtype=np.int32))
+        row.cached_tokens = reused
+        self.stats.prefix_hits += 1
+        self.stats.prefix_cached_tokens += reused
+        return generator, max_length
+
+    def _keep(self, generator: Any, max_length: int, rows: list[_Row]) -> None:
+        """Keep a lone request's Generator, with what it read, for a later prompt that starts alike."""
+        if self._keepable(rows) and not rows[0].request.cancelled.is_set():
+            # Only the prompt is offered for reuse, not the answer: the answer's KV was computed one
+            # token at a time, and on quantized models the decode kernels differ from the prefill
+            # ones in the last bits, enough to flip a greedy answer (seen on SmolLM2 int8). The
+            # prompt's KV came from a prefill, as it would without reuse.
+            tokens = list(rows[0].request.prompt_ids)
+            self._prefixes.put(generator, tokens, _prefix_key(rows[0].request) or (), max_length)
+            self.stats.prefix_cache_bytes = self._prefixes.nbytes
 
     def _decode(self, generator: Any, rows: list[_Row]) -> list[_Request]:
         """Step until every row is finished (then []), or until requests may join (then those)."""
@@ -470,6 +526,7 @@ class _Row:
         self.tokens: list[int] = []
         self.text: list[str] = []
         self.finished = False
+        self.cached_tokens = 0  # of its prompt, found already read in a kept Generator
 
     @property
     def generated(self) -> int:
@@ -515,7 +572,7 @@ class _Row:
         self.stats.finished[reason] += 1
         if flush:
             self._emit(self.stops.flush())
-        usage = Usage(len(self.request.prompt_ids), self.generated)
+        usage = Usage(len(self.request.prompt_ids), self.generated, self.cached_tokens)
         self.request.put("done", Completion("".join(self.text), reason, usage, tuple(self.tokens)))
 
     def _drop(self) -> None:
@@ -592,6 +649,12 @@ class EngineStats:
     batched_requests: int = 0  # joined ones included
     joined_requests: int = 0  # requests that joined a running batch
     generated_tokens: int = 0
+    # Prefix reuse: lone requests that found a kept Generator or not, prompt tokens not read again,
+    # and the bytes of KV buffers kept.
+    prefix_hits: int = 0
+    prefix_misses: int = 0
+    prefix_cached_tokens: int = 0
+    prefix_cache_bytes: int = 0
     # Requests by how they ended: stop, length, cancelled (by their caller, queued or running), error.
     finished: Counter[str] = field(default_factory=Counter)
 
@@ -626,6 +689,30 @@ def _batch_key(request: _Request) -> tuple:
     if p.seed is not None:
         return ("seeded", request.number)
     return ("sample", p.temperature, p.top_p, p.top_k, p.min_tokens)
+
+
+def _prefix_key(request: _Request) -> tuple | None:
+    """What a kept Generator must have been made with to serve `request`; None when the request may
+    not use one: guided (grammar state), seeded (its random stream starts at its seed), or held to
+    min_tokens (a Generator's min_length is fixed when it is made)."""
+    p = request.params
+    if p.guidance or p.min_tokens or (p.seed is not None and not p.greedy):
+        return None
+    return ("greedy",) if p.greedy else ("sample", p.temperature, p.top_p, p.top_k)
+
+
+def _kv_bytes_per_token(config: dict[str, Any]) -> int:
+    """Bytes of KV cache one token takes: keys and values of every layer (float32 on CPU, float16
+    on CUDA, as the model builder exports them)."""
+    decoder = config["model"].get("decoder", {})
+    try:
+        per_token = (
+            2 * int(decoder["num_hidden_layers"]) * int(decoder["num_key_value_heads"]) * int(decoder["head_size"])
+        )
+    except (KeyError, TypeError, ValueError):
+        return 0  # unknown shapes: nothing is kept (PrefixCache.fits is False)
+    cuda = "cuda" in json.dumps(decoder.get("session_options", {}).get("provider_options", []))
+    return per_token * (2 if cuda else 4)
 
 
 def _search_options(p: SamplingParams, batch_size: int, width: int, new_tokens: int, at_least: int) -> dict[str, Any]:

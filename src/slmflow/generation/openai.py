@@ -19,16 +19,18 @@ FinishReason = Literal["stop", "length", "tool_calls"]
 class Usage:
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens found already read (prefix reuse)
 
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
 
 
@@ -121,7 +123,8 @@ def chat_chunk(
 def total_usage(completions: list[Completion]) -> Usage:
     # n choices share one prompt: OpenAI counts its tokens once.
     prompt = completions[0].usage.prompt_tokens if completions else 0
-    return Usage(prompt, sum(c.usage.completion_tokens for c in completions))
+    cached = min((c.usage.cached_tokens for c in completions), default=0)
+    return Usage(prompt, sum(c.usage.completion_tokens for c in completions), cached)
 
 
 def text_chunk(

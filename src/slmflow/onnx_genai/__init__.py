@@ -21,6 +21,7 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+from slmflow.generation.engine import EngineOptions
 from slmflow.onnx_genai.schema import TASKS, default_input_example, signature_for
 
 FLAVOR_NAME = "onnx_genai"
@@ -28,7 +29,12 @@ MODEL_DATA_PATH = "model"
 _LOADER_MODULE = "slmflow.onnx_genai"
 # Scheduler limits a host may override at load time (`mlflow.pyfunc.load_model(uri, model_config=...)`,
 # `mlflow models serve`'s model config). Saved with their defaults: MLflow overrides saved keys only.
-ENGINE_OPTIONS: dict[str, int] = {"max_batch_size": 8, "max_queue": 256, "intra_op_threads": 0}
+ENGINE_OPTIONS: dict[str, int] = {
+    "max_batch_size": 8,
+    "max_queue": 256,
+    "intra_op_threads": 0,
+    "prefix_cache_bytes": EngineOptions.prefix_cache_bytes,
+}
 # What of slmflow the model needs at load time, copied into the model as code.
 _CODE_PARTS = ("__init__.py", "errors.py", "generation", "onnx_genai")
 

@@ -242,6 +242,7 @@ def engine_config(settings: ServerSettings) -> dict[str, int]:
         "max_batch_size": settings.max_batch_size,
         "max_queue": settings.max_queue,
         "intra_op_threads": settings.intra_op_threads,
+        "prefix_cache_bytes": None if settings.prefix_cache_mb is None else settings.prefix_cache_mb * 2**20,
     }
     return {key: value for key, value in options.items() if value is not None}
 

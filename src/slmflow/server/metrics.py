@@ -68,6 +68,24 @@ class _EngineCollector(Collector):
         yield CounterMetricFamily(
             "slmflow_generated_tokens", "Tokens generated, cancelled requests included", value=stats.generated_tokens
         )
+        yield CounterMetricFamily(
+            "slmflow_prefix_cache_hits",
+            "Lone requests that found their prompt's start already read",
+            value=stats.prefix_hits,
+        )
+        yield CounterMetricFamily(
+            "slmflow_prefix_cache_misses",
+            "Lone requests that could have, but found no kept prefix",
+            value=stats.prefix_misses,
+        )
+        yield CounterMetricFamily(
+            "slmflow_prefix_cached_tokens",
+            "Prompt tokens not read again thanks to prefix reuse",
+            value=stats.prefix_cached_tokens,
+        )
+        yield GaugeMetricFamily(
+            "slmflow_prefix_cache_bytes", "KV cache bytes kept for prefix reuse", value=stats.prefix_cache_bytes
+        )
         finished = CounterMetricFamily(
             "slmflow_finished_requests",
             "Generations by how they ended: stop, length, cancelled (client gone or timed out), error",

@@ -24,6 +24,11 @@ class ServerSettings(BaseSettings):
     max_batch_size: int = Field(8, ge=1, description="Requests generated together in one batch.")
     max_queue: int = Field(256, ge=1, description="Waiting requests; more are refused with 429.")
     intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime threads; default: every usable core.")
+    prefix_cache_mb: int | None = Field(
+        None,
+        ge=0,
+        description="KV cache kept for prefix reuse (conversations that continue), in MB; 0: off; default: 1024.",
+    )
     request_timeout: float = Field(600.0, gt=0, description="Seconds a completion may take, queueing included.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Larger request bodies are refused with 413.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
