@@ -1,14 +1,15 @@
-"""Multi-turn chat: how the time to the first token grows with the conversation (the prefix-reuse baseline).
+"""Multi-turn chat: the time to the first token of each turn, with prefix reuse and without it.
 
     .venv/bin/python benchmarks/multiturn_bench.py [--size smol|bench] [--rounds 3] [--concurrency 1,4]
 
-A chat client sends the whole conversation every turn. Each conversation here has 6 turns: a user
-message of about 230 tokens of plain English (the built-in reference text) asking for a summary, and
-a greedy answer forced to 64 tokens that joins the history, so the last turn's prompt passes 1,500
-tokens. For each concurrency level, that many conversations run at once, turn by turn, and the time
-to the first token (TTFT) of every turn is measured in process on the generation engine, against a
-fresh 100-token prompt sent by as many clients at once. The ratio last turn / fresh prompt is what
-the prefix-reuse issue bounds (<= 1.5x); without reuse the engine prefills the whole history again.
+A chat client sends the whole conversation every turn. Each conversation here has 6 turns: first a
+document of about 1,200 tokens (the built-in reference text) to summarise, then short follow-up
+questions; greedy answers of at most 64 tokens join the history, so the last turn's prompt passes
+1,500 tokens. For each concurrency level, that many conversations run at once, turn by turn, and the
+time to the first token (TTFT) of every turn is measured in process on the generation engine, against
+a fresh 100-token prompt sent by as many clients at once. Two engines on the same model take turns
+round by round: one keeps prefixes (the default), one keeps none (prefix_cache_bytes=0). The ratio
+last turn / fresh prompt is what the prefix-reuse issue bounds (<= 1.5x).
 
 Writes benchmarks/results/multiturn-SIZE.{md,json}. Run it on a quiet machine.
 """
@@ -16,6 +17,7 @@ Writes benchmarks/results/multiturn-SIZE.{md,json}. Run it on a quiet machine.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -24,6 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +40,6 @@ if TYPE_CHECKING:
 
 TURNS = 6
 ANSWER_TOKENS = 64
-SYSTEM = {"role": "system", "content": "You are a helpful assistant. Answer briefly."}
 
 
 def main() -> None:
@@ -50,36 +52,31 @@ def main() -> None:
     args = parser.parse_args()
     folder = model_folder(args.size, args.precision)
     levels = [int(c) for c in args.concurrency.split(",")]
-    from slmflow.generation.engine import GenerationEngine
+    from slmflow.generation.engine import EngineOptions, GenerationEngine
 
-    engine = GenerationEngine(folder)
+    engines = {
+        "reuse": GenerationEngine(folder),
+        "no reuse": GenerationEngine(folder, EngineOptions(prefix_cache_bytes=0)),
+    }
+    results = []
     try:
-        chunks = user_chunks(engine)
-        fresh_prompt = fresh_100(engine)
-        converse(engine, chunks, 0)  # warm-up
-        results = []
+        first = engines["reuse"]
+        document, followups = conversation_parts(first)
+        fresh_prompt = fresh_100(first)
+        for engine in engines.values():
+            converse(engine, document, followups, 0)  # warm-up
+        conversation = itertools.count(1)  # every conversation opens with its own words: no shared prefix
         for level in levels:
-            fresh: list[float] = []
-            turns: list[list[float]] = [[] for _ in range(TURNS)]
-            prompt_tokens: list[int] = []
-            for _ in range(args.rounds):
-                fresh += at_once(lambda _: ttft(engine, fresh_prompt)[0], level)
-                for tokens_and_ttfts in at_once(lambda i: converse(engine, chunks, i), level):
-                    for turn, (_, seconds) in enumerate(tokens_and_ttfts):
-                        turns[turn].append(seconds)
-                    prompt_tokens.append(tokens_and_ttfts[-1][0])
-            result = {
-                "concurrency": level,
-                "fresh_prompt_tokens": len(fresh_prompt),
-                "fresh_ttft_s": statistics.median(fresh),
-                "turn_ttft_s": [statistics.median(t) for t in turns],
-                "last_turn_prompt_tokens": int(statistics.median(prompt_tokens)),
-            }
-            result["last_over_fresh"] = result["turn_ttft_s"][-1] / result["fresh_ttft_s"]
-            print(json.dumps(result), flush=True)
-            results.append(result)
+            raw: dict[str, list[Round]] = {mode: [] for mode in engines}
+            for _ in range(args.rounds):  # the two engines take turns, so machine drift hits both alike
+                ids = [next(conversation) for _ in range(level)]  # the same conversations on both
+                for mode, engine in engines.items():
+                    raw[mode].append(one_round(engine, level, document, followups, fresh_prompt, ids))
+            for mode, rounds in raw.items():
+                results.append(summarize(mode, level, len(fresh_prompt), rounds))
     finally:
-        engine.close()
+        for engine in engines.values():
+            engine.close()
     write(
         {
             "machine": f"{platform.machine()}, {os.cpu_count()} cores",
@@ -106,18 +103,58 @@ def model_folder(size: str, precision: str) -> Path:
     return folder
 
 
-def user_chunks(engine: GenerationEngine) -> list[str]:
-    """Pieces of the reference text of about 230 tokens each, to be summarised."""
+@dataclass
+class Round:
+    fresh: list[float]  # TTFT of each fresh prompt
+    conversations: list[list[tuple[int, float, int]]]  # per conversation, per turn: (prompt, TTFT, cached)
+
+
+def one_round(
+    engine: GenerationEngine,
+    level: int,
+    document: str,
+    followups: list[str],
+    fresh_prompt: list[int],
+    ids: list[int],
+) -> Round:
+    fresh = [seconds for seconds, _, _ in at_once(lambda _: ttft(engine, fresh_prompt), level)]
+    return Round(fresh, at_once(lambda i: converse(engine, document, followups, ids[i]), level))
+
+
+def summarize(mode: str, level: int, fresh_tokens: int, rounds: list[Round]) -> dict[str, Any]:
+    conversations = [c for r in rounds for c in r.conversations]
+    result = {
+        "mode": mode,
+        "concurrency": level,
+        "fresh_prompt_tokens": fresh_tokens,
+        "fresh_ttft_s": statistics.median(s for r in rounds for s in r.fresh),
+        "turn_ttft_s": [statistics.median(c[turn][1] for c in conversations) for turn in range(TURNS)],
+        "last_turn_prompt_tokens": int(statistics.median(c[-1][0] for c in conversations)),
+        "last_turn_cached_tokens": int(statistics.median(c[-1][2] for c in conversations)),
+    }
+    result["last_over_fresh"] = result["turn_ttft_s"][-1] / result["fresh_ttft_s"]
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def conversation_parts(engine: GenerationEngine) -> tuple[str, list[str]]:
+    """A document of about 1,200 tokens, and the follow-up questions asked about it."""
     from importlib.resources import files
 
     words = files("slmflow.data").joinpath("reference.txt").read_text().split()
-    chunks, current = [], []
+    document: list[str] = []
     for word in words * 4:
-        current.append(word)
-        if len(engine.encode(" ".join(current))) >= 230:
-            chunks.append(" ".join(current))
-            current = []
-    return chunks
+        document.append(word)
+        if len(document) % 50 == 0 and len(engine.encode(" ".join(document))) >= 1200:
+            break
+    followups = [
+        "What is the main idea of the first paragraph?",
+        "Give one example from the text.",
+        "Who would find this text useful?",
+        "Say it again in simpler words.",
+        "What is one question the text leaves open?",
+    ]
+    return " ".join(document), followups
 
 
 def fresh_100(engine: GenerationEngine) -> list[int]:
@@ -127,38 +164,42 @@ def fresh_100(engine: GenerationEngine) -> list[int]:
     words = files("slmflow.data").joinpath("reference.txt").read_text().split()
     count = 40
     while True:
-        messages = [SYSTEM, {"role": "user", "content": "Summarize: " + " ".join(words[:count])}]
+        messages = [{"role": "user", "content": "Summarize: " + " ".join(words[:count])}]
         prompt = engine.encode(engine.render_chat(messages))
         if len(prompt) >= 100:
             return prompt
         count += 2
 
 
-def converse(engine: GenerationEngine, chunks: list[str], offset: int) -> list[tuple[int, float]]:
-    """One 6-turn conversation: (prompt tokens, TTFT) of each turn."""
-    messages = [SYSTEM]
+def converse(
+    engine: GenerationEngine, document: str, followups: list[str], offset: int
+) -> list[tuple[int, float, int]]:
+    """One 6-turn conversation: (prompt tokens, TTFT, cached prompt tokens) of each turn. Each of the
+    conversations running at once opens with its own words, so they share no prefix."""
+    messages = [{"role": "system", "content": f"Conversation {offset}. You are a helpful assistant. Answer briefly."}]
     measured = []
     for turn in range(TURNS):
-        chunk = chunks[(offset * TURNS + turn) % len(chunks)]
-        messages.append({"role": "user", "content": f"Summarize this in one sentence:\n{chunk}"})
+        text = f"Summarize this text:\n{document}" if turn == 0 else followups[(turn - 1) % len(followups)]
+        messages.append({"role": "user", "content": text})
         prompt = engine.encode(engine.render_chat(messages))
-        seconds, answer = ttft(engine, prompt)
-        measured.append((len(prompt), seconds))
+        seconds, answer, cached = ttft(engine, prompt)
+        measured.append((len(prompt), seconds, cached))
         messages.append({"role": "assistant", "content": answer})
     return measured
 
 
-def ttft(engine: GenerationEngine, prompt: list[int]) -> tuple[float, str]:
-    """(seconds to the first token, the answer) of one greedy request forced to ANSWER_TOKENS."""
+def ttft(engine: GenerationEngine, prompt: list[int]) -> tuple[float, str, int]:
+    """(seconds to the first token, the answer, cached prompt tokens) of one greedy request of at
+    most ANSWER_TOKENS (not forced: a request held to min_tokens may not reuse a prefix)."""
     from slmflow.generation.params import SamplingParams
 
-    forced = SamplingParams(temperature=0.0, max_tokens=ANSWER_TOKENS, min_tokens=ANSWER_TOKENS)
+    greedy = SamplingParams(temperature=0.0, max_tokens=ANSWER_TOKENS)
     first: list[float] = []
     started = time.perf_counter()
-    stream = engine.submit(prompt, forced)
+    stream = engine.submit(prompt, greedy)
     stream.listen(lambda: first.append(time.perf_counter()) if not first else None)
     completion = stream.result()
-    return first[0] - started, completion.text
+    return first[0] - started, completion.text, completion.usage.cached_tokens
 
 
 def at_once(fn: Callable[[int], Any], count: int) -> list:
@@ -175,20 +216,20 @@ def at_once(fn: Callable[[int], Any], count: int) -> list:
 def write(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     lines = [
-        f"Machine: {report['machine']}; model: {report['model']}; {TURNS}-turn conversations, answers forced to "
-        f"{ANSWER_TOKENS} tokens; TTFT in ms, medians over {report['rounds']} rounds and the conversations "
-        "running at once; in process (the generation engine), no prefix reuse.",
+        f"Machine: {report['machine']}; model: {report['model']}; {TURNS}-turn conversations (a ~1,200-token "
+        f"document, then short questions), greedy answers of at most {ANSWER_TOKENS} tokens; TTFT in ms, medians "
+        f"over {report['rounds']} rounds and the conversations running at once; in process (the generation engine).",
         "",
-        "| conversations at once | fresh ~100-token prompt | "
+        "| prefix reuse | conversations at once | fresh ~100-token prompt | "
         + " | ".join(f"turn {t + 1}" for t in range(TURNS))
-        + " | last-turn prompt (tokens) | last turn / fresh |",
-        "|---|---|" + "---|" * TURNS + "---|---|",
+        + " | last-turn prompt (cached) | last turn / fresh |",
+        "|---|---|---|" + "---|" * TURNS + "---|---|",
     ]
     for r in report["results"]:
         lines.append(
-            f"| {r['concurrency']} | {1000 * r['fresh_ttft_s']:.0f} | "
+            f"| {r['mode']} | {r['concurrency']} | {1000 * r['fresh_ttft_s']:.0f} | "
             + " | ".join(f"{1000 * t:.0f}" for t in r["turn_ttft_s"])
-            + f" | {r['last_turn_prompt_tokens']} | {r['last_over_fresh']:.1f}x |"
+            + f" | {r['last_turn_prompt_tokens']} ({r['last_turn_cached_tokens']}) | {r['last_over_fresh']:.2f}x |"
         )
     (out / f"multiturn-{report['size']}.md").write_text("\n".join(lines) + "\n")
     (out / f"multiturn-{report['size']}.json").write_text(json.dumps(report, indent=2) + "\n")
