@@ -442,13 +442,23 @@ class GenerationEngine:
             return None
         row = rows[0]
         prompt = row.request.prompt_ids
-        taken = self._prefixes.take(key, prompt, len(prompt) + row.to_come, self.options.prefix_min_tokens)
+        if len(prompt) <= self.options.prefix_min_tokens:  # too short to share that much with anything
+            return None
+        try:
+            taken = self._prefixes.take(key, prompt, len(prompt) + row.to_come, self.options.prefix_min_tokens)
+            if taken is not None:
+                generator, reused, max_length = taken
+                generator.append_tokens(np.asarray(prompt[reused:], dtype=np.int32))
+        except Exception:
+            # A model ONNX Runtime GenAI cannot rewind (some architectures, sliding windows): reuse
+            # ends for this engine, and this request is read whole as it would have been anyway.
+            log.warning("prefix reuse is off for %s: its Generator cannot be rewound", self.model_dir, exc_info=True)
+            self._prefixes = PrefixCache(0, self._prefixes.bytes_per_token)
+            taken = None
         self.stats.prefix_cache_bytes = self._prefixes.nbytes
         if taken is None:
             self.stats.prefix_misses += 1
             return None
-        generator, reused, max_length = taken
-        generator.append_tokens(np.asarray(prompt[reused:], dtype=np.int32))
         row.cached_tokens = reused
         self.stats.prefix_hits += 1
         self.stats.prefix_cached_tokens += reused
