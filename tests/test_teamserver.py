@@ -22,12 +22,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import openai
 import pytest
 
 from tests.conftest import free_port
-from tests.server.conftest import MADRID, SPAIN, wait_until
+from tests.server.conftest import MADRID, SPAIN, healthy, wait_until
 
 pytestmark = pytest.mark.timeout(600)
 SLMFLOW = str(Path(sys.executable).parent / "slmflow")
@@ -215,7 +214,7 @@ def test_refusals_name_the_user_the_permission_and_the_model(team: Team, onnx_in
     readable, private = "team-readable", "team-private"
     for name in (readable, private):
         assert team.run("package", str(onnx_int4), "--name", name, "--no-quality").returncode == 0
-    os.environ.update({"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": team.password})
+    team.client()  # the admin's credentials in this process's environment
     auth = mlflow.server.get_app_client("basic-auth", tracking_uri=team.url)
     auth.create_user("bob", "bob-password-123")
     auth.grant_user_permission("bob", "registered_model", private, "DENY")
@@ -333,13 +332,6 @@ def test_an_upload_cut_midway_registers_nothing_and_the_next_run_reports_it(
 
 def experiment_id(client) -> str:
     return client.get_experiment_by_name("team").experiment_id
-
-
-def healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def traced(team: Team, experiment: str) -> list:

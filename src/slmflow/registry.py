@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from slmflow.errors import SlmflowError
 
 
@@ -39,6 +41,13 @@ def set_alias(name: str, alias: str, version: str) -> None:
         client.set_registered_model_alias(name, alias, version)
     except MlflowException as e:
         raise SlmflowError(f"cannot point alias {alias!r} of {name!r} at version {version}: {e.message}") from e
+
+
+def registered_name(model_uri: str) -> str | None:
+    """`name` of `models:/name/3` and `models:/name@alias`; None for other URIs."""
+    if not model_uri.startswith("models:/"):
+        return None
+    return re.split(r"[/@]", model_uri[len("models:/") :], maxsplit=1)[0]
 
 
 def registered_version(model_uri: str) -> tuple[str, str] | None:

@@ -117,7 +117,6 @@ def model_name(params: dict[str, object]) -> str | None:
     name = params.get("name")
     if isinstance(name, str) and name:
         return name
-    for value in params.values():
-        if isinstance(value, str) and value.startswith("models:/"):
-            return re.split(r"[/@]", value[len("models:/") :], maxsplit=1)[0]
-    return None
+    from slmflow.registry import registered_name
+
+    return next((n for v in params.values() if isinstance(v, str) and (n := registered_name(v))), None)

@@ -79,6 +79,14 @@ def serve(settings: ServerSettings, backend: Any = None) -> Iterator[LiveServer]
         sock.close()
 
 
+def healthy(url: str) -> bool:
+    """Does a server answer 200 on `url`/health now?"""
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
 def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
     """Poll `condition` until true or `timeout` seconds passed; return its last value."""
     deadline = time.monotonic() + timeout

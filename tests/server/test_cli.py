@@ -9,14 +9,13 @@ import sys
 from pathlib import Path
 
 import click
-import httpx
 import openai
 import pytest
 from click.testing import CliRunner
 
 from slmflow.cli.serve import chat, serve
 from tests.conftest import free_port
-from tests.server.conftest import MADRID, SPAIN, wait_until
+from tests.server.conftest import MADRID, SPAIN, healthy, wait_until
 
 # `slmflow serve`, registered in the main group (which turns user errors into one line).
 MAIN = "from slmflow.cli import main; from slmflow.cli.serve import serve; main.add_command(serve); main()"
@@ -39,7 +38,7 @@ def test_serve_runs_uvicorn_on_loopback_for_a_registered_alias(registered_model_
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
     try:
-        assert wait_until(lambda: _healthy(url) or process.poll() is not None, timeout=180), log.read_text()
+        assert wait_until(lambda: healthy(url) or process.poll() is not None, timeout=180), log.read_text()
         assert process.poll() is None, log.read_text()
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
         assert [m.id for m in client.models.list()] == ["server-tiny"]
@@ -53,13 +52,6 @@ def test_serve_runs_uvicorn_on_loopback_for_a_registered_alias(registered_model_
     output = log.read_text()
     assert f"Uvicorn running on http://127.0.0.1:{port}" in output
     assert "POST /v1/chat/completions 200 tokens=" in output
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_chat_answers_one_message(onnx_model_path: Path) -> None:

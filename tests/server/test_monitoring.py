@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from slmflow.cli import main
 from slmflow.server import ServerSettings
 from tests.conftest import free_port
-from tests.server.conftest import LONG, MADRID, SPAIN, LiveServer, serve, wait_until
+from tests.server.conftest import LONG, MADRID, SPAIN, LiveServer, healthy, serve, wait_until
 
 CHAT = "/v1/chat/completions"
 EXPERIMENT = "monitoring-tests"
@@ -158,7 +158,7 @@ def test_an_unreachable_tracking_server_never_fails_a_request(onnx_model_path: P
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        assert wait_until(lambda: _healthy(url) or process.poll() is not None, timeout=180), "no server"
+        assert wait_until(lambda: healthy(url) or process.poll() is not None, timeout=180), "no server"
         for _ in range(5):
             answer = httpx.post(f"{url}{CHAT}", json={"messages": SPAIN}, timeout=60)
             assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"] == MADRID
@@ -176,13 +176,6 @@ def test_an_unreachable_tracking_server_never_fails_a_request(onnx_model_path: P
     output = (tmp_path / "serve.log").read_text()
     assert output.count("request traces are being dropped") == 1, output[-3000:]  # logged once, not per request
     assert "Traceback" not in output
-
-
-def _healthy(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def test_served_requests_become_an_eval_set_for_the_next_version(traced: LiveServer, tmp_path: Path) -> None:

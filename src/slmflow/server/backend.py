@@ -11,7 +11,6 @@ Both are loaded by `mlflow.pyfunc.load_model`, so every model URI MLflow knows w
 
 from __future__ import annotations
 
-import re
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
@@ -251,10 +250,10 @@ def served_name(settings: ServerSettings) -> str:
     """`--model-name`, else the registered name in a models:/ URI, else the URI's last part."""
     if settings.model_name:
         return settings.model_name
+    from slmflow.registry import registered_name
+
     uri = (settings.model_uri or "model").rstrip("/")
-    if uri.startswith("models:/"):
-        return re.split(r"[/@]", uri.removeprefix("models:/"))[0]
-    return uri.rsplit("/", 1)[-1]
+    return registered_name(uri) or uri.rsplit("/", 1)[-1]
 
 
 def _invoke(model: PyFuncModel, body: bytes, content_type: str) -> InvocationsResponse:
