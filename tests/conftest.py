@@ -109,7 +109,7 @@ def engine_held(engine: Any) -> Iterator[Callable[[], None]]:
     called). Batches made by events, not timing."""
     entered, release = threading.Event(), threading.Event()
 
-    def hold(og: Any, model: Any) -> None:
+    def hold() -> None:
         entered.set()
         release.wait()
 

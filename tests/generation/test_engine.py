@@ -20,6 +20,16 @@ QUESTIONS = [
 ]
 
 
+@pytest.fixture(scope="module", params=["continuous", "genai"])
+def engine(onnx_int4, request):  # -> GenerationEngine; every test here runs on both schedulers
+    from slmflow.generation.engine import EngineOptions, GenerationEngine
+
+    engine = GenerationEngine(onnx_int4, EngineOptions(scheduler=request.param))
+    assert engine.scheduler == request.param
+    yield engine
+    engine.close()
+
+
 def test_greedy_chat_answers_the_trained_question(engine) -> None:
     completion = engine.generate(engine.render_chat(SPAIN), GREEDY)
     assert completion.text == "The capital of Spain is Madrid."
@@ -175,12 +185,14 @@ def test_a_listener_is_woken_and_polling_yields_the_whole_answer(engine) -> None
     assert stream.completion == expected
 
 
-def test_requests_join_a_running_batch_without_changing_any_answer(onnx_int4) -> None:
+@pytest.mark.parametrize("scheduler", ["continuous", "genai"])
+def test_requests_join_a_running_batch_without_changing_any_answer(onnx_int4, scheduler: str) -> None:
     from slmflow.generation.engine import EngineOptions, GenerationEngine
 
     forced = SamplingParams(temperature=0.0, max_tokens=400, min_tokens=400)
-    engine = GenerationEngine(onnx_int4, EngineOptions(batch_wait_s=0, join_steps=1_000_000))
+    engine = GenerationEngine(onnx_int4, EngineOptions(batch_wait_s=0, join_steps=1_000_000, scheduler=scheduler))
     try:
+        assert engine.scheduler == scheduler
         prompts = [engine.encode(engine.render_chat(q)) for q in QUESTIONS[:3]]  # different lengths: padded rows
         alone = [engine.generate(p, forced) for p in prompts]
         first, late = submit_when_running(engine, (prompts[0], forced), [(p, forced) for p in prompts[1:]])
@@ -191,19 +203,23 @@ def test_requests_join_a_running_batch_without_changing_any_answer(onnx_int4) ->
         engine.close()
 
 
-def test_a_running_row_that_min_tokens_would_hold_back_takes_no_joiners(onnx_int4) -> None:
+@pytest.mark.parametrize("scheduler", ["continuous", "genai"])
+def test_rows_held_to_different_min_tokens_share_a_batch_only_where_each_keeps_its_own(onnx_int4, scheduler) -> None:
     from slmflow.generation.engine import EngineOptions, GenerationEngine
 
-    # After its first token the running row needs 49 more at least; a newcomer would need 50, and
-    # the Generator has one min_length for both: joining would change the running row's output.
+    # After its first token the running row needs 49 more at least; a newcomer would need 50. A
+    # Generator has one min_length for all its rows, so the genai scheduler must not let it join;
+    # the continuous one holds each row to its own min_tokens, so it joins.
     params = SamplingParams(temperature=0.0, max_tokens=400, min_tokens=50)
-    engine = GenerationEngine(onnx_int4, EngineOptions(batch_wait_s=0, join_steps=1_000_000))
+    engine = GenerationEngine(onnx_int4, EngineOptions(batch_wait_s=0, join_steps=1_000_000, scheduler=scheduler))
     try:
         prompt = engine.encode(engine.render_chat(SPAIN))
         first, late = submit_when_running(engine, (prompt, params), [(prompt, params)])
         answer = first.result()  # `late` is filled once `first` has produced text
         assert [answer] == [s.result() for s in late]
-        assert engine.stats.joined_requests == 0 and engine.stats.batches == 2
+        assert answer.usage.completion_tokens >= 50
+        joined = 1 if scheduler == "continuous" else 0
+        assert engine.stats.joined_requests == joined and engine.stats.batches == 2 - joined
     finally:
         engine.close()
 
@@ -242,5 +258,39 @@ def test_a_request_cancelled_while_its_batch_gathers_leaves_the_engine_serving(o
             after = pool.submit(engine.generate, prompt, GREEDY)
             assert after.result(timeout=60).text == "The capital of Spain is Madrid."
         assert engine.stats.finished["cancelled"] == 1
+    finally:
+        engine.close()
+
+
+def test_a_short_request_is_answered_while_a_long_one_runs(onnx_int4) -> None:
+    from slmflow.generation.engine import EngineOptions, GenerationEngine
+
+    # No head-of-line waiting: the short request joins the running one at its next step and ends
+    # while it still runs (counted in steps, not seconds: 400 forced tokens against a 40-token cap).
+    engine = GenerationEngine(onnx_int4, EngineOptions(batch_wait_s=0))
+    try:
+        long = SamplingParams(temperature=0.0, max_tokens=400, min_tokens=400)
+        prompt = engine.encode(engine.render_chat(SPAIN))
+        first, late = submit_when_running(engine, (prompt, long), [(prompt, GREEDY)])
+        next(iter(first))
+        short = late[0].result()
+        assert short.text == "The capital of Spain is Madrid." and first.completion is None
+        assert first.result().usage.completion_tokens == 400 and engine.stats.joined_requests == 1
+    finally:
+        engine.close()
+
+
+def test_a_seeded_sample_is_the_same_alone_and_beside_other_requests(onnx_int4) -> None:
+    from slmflow.generation.engine import EngineOptions, GenerationEngine
+
+    engine = GenerationEngine(onnx_int4)
+    try:
+        seeded = SamplingParams(temperature=1.5, top_k=0, seed=11, max_tokens=24)
+        prompts = [engine.encode(engine.render_chat(q)) for q in QUESTIONS[:4]]
+        alone = engine.generate(prompts[0], seeded)
+        with engine_held(engine):
+            streams = engine.submit_all([(prompts[0], seeded)] + [(p, SamplingParams(temperature=1.5)) for p in prompts[1:]])
+        assert streams[0].result() == alone
+        assert engine.stats.batches == 2 and engine.stats.batched_requests == 5, "they did not share a batch"
     finally:
         engine.close()

@@ -1,8 +1,14 @@
 """The generation scheduler: one owner thread per loaded model, fed by a request queue.
 
-Every ONNX Runtime GenAI call happens on the owner thread, so callers on any thread (pyfunc
-`predict`, the HTTP server, a Spark UDF) are safe. Requests that wait together and sample alike are
-run as one batched `og.Generator`; see `_batch_key` for what may share a batch and why.
+Every ONNX Runtime call happens on the owner thread, so callers on any thread (pyfunc `predict`,
+the HTTP server, a Spark UDF) are safe. Two ways to run requests:
+
+- continuous (the default on CPU): the model's decoder graph run directly (generation/decoder.py)
+  with a KV slot per request; requests join and leave between any two steps, and prompts that start
+  alike share their KV (generation/continuous.py, generation/prefix_cache.py);
+- genai: ONNX Runtime GenAI Generators, batched by restarting (`_batch_key` says what may share a
+  batch and why). For graphs the direct decoder does not run (GPU builds), and for requests with a
+  grammar (`response_format`), which need ONNX Runtime GenAI's guidance; they run alone.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from typing import Any, TypeVar
 
 from slmflow.errors import InvalidRequest, Overloaded, SlmflowError
 from slmflow.generation.chat import ChatTemplate, validate_messages
+from slmflow.generation.continuous import ContinuousBatcher
+from slmflow.generation.decoder import Decoder, UnsupportedGraph, layout_of
 from slmflow.generation.openai import Completion, FinishReason, Usage
 from slmflow.generation.params import SamplingParams
 from slmflow.generation.prefix_cache import PrefixCache
@@ -47,13 +55,16 @@ class EngineOptions:
     # least as many can join as are running: it restarts with its rows' text so far as their
     # prompts (one re-read of them) rather than leave the newcomers waiting for its whole generation.
     join_steps: int = 8
-    # Prefix reuse (generation/prefix_cache.py): the KV state of requests that ran alone is kept, up
-    # to this many bytes (0: off), for a later request whose prompt starts the same way. Prompts
-    # shorter than prefix_min_tokens are cheap to read again and are not kept; a Generator meant for
-    # keeping has room for prefix_headroom more tokens, so a conversation's next turn fits in it.
+    # "auto": the continuous scheduler where the graph allows it, else "genai" (see the module doc).
+    scheduler: str = "auto"
+    # Continuous scheduler: prompts are read at most this many tokens at a time while other rows are
+    # decoding, so a long prompt delays their next tokens by one chunk's time, not by its whole read.
+    prefill_chunk: int = 512
+    # Prefix reuse (continuous scheduler): the KV of finished requests' prompts is kept, up to this
+    # many bytes (0: off), for later requests whose prompts start the same way. Prompts shorter than
+    # prefix_min_tokens are cheap to read again and are not kept.
     prefix_cache_bytes: int = 1 << 30
     prefix_min_tokens: int = 256
-    prefix_headroom: int = 512
 
 
 @dataclass(eq=False)  # identity: requests are found in the queue by who they are
@@ -164,7 +175,9 @@ class GenerationEngine:
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self.stats = EngineStats()
-        self._prefixes = PrefixCache(self.options.prefix_cache_bytes, _kv_bytes_per_token(config))
+        self._config = config
+        self._genai_model: Any = None
+        self._batcher: ContinuousBatcher | None = None
         self._thread = threading.Thread(target=self._owner, name=f"slmflow-engine-{self.model_dir.name}", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -213,8 +226,20 @@ class GenerationEngine:
     def generate(self, prompt: str | list[int], params: SamplingParams | None = None) -> Completion:
         return self.submit(prompt, params).result()
 
-    def run_on_owner(self, fn: Callable[[Any, Any], T]) -> T:
-        """Run `fn(og, model)` on the owner thread, between batches, and return its result."""
+    @property
+    def scheduler(self) -> str:
+        """"continuous" or "genai": how this engine runs requests (see the module doc)."""
+        return "continuous" if self._batcher is not None else "genai"
+
+    def genai_model(self) -> tuple[Any, Any]:
+        """(onnxruntime_genai, its Model), loaded on first use; call on the owner thread only (from a
+        function given to run_on_owner). The continuous scheduler needs it only for grammars."""
+        if self._genai_model is None:
+            self._genai_model = self._og.Model(self._genai_config)
+        return self._og, self._genai_model
+
+    def run_on_owner(self, fn: Callable[[], T]) -> T:
+        """Run `fn()` on the owner thread, between steps, and return its result."""
         call = _Call(fn)
         with self._wakeup:
             if self._closed:
@@ -231,7 +256,24 @@ class GenerationEngine:
         """Teacher-forced scores of every token after the first, within the context."""
         if not 2 <= len(token_ids) <= self.context_length:
             raise InvalidRequest(f"scoring needs 2 to {self.context_length} tokens; got {len(token_ids)}")
-        return self.run_on_owner(lambda og, model: _score_tokens(og, model, token_ids))
+        return self.run_on_owner(lambda: _score_tokens(self._logit_chunks(token_ids[:-1]), token_ids))
+
+    def _logit_chunks(self, tokens: list[int]) -> Iterator[Any]:
+        """Every position's logits for `tokens`, SCORE_CHUNK positions at a time (owner thread)."""
+        if self._batcher is not None:
+            yield from self._batcher.decoder.logits_in_chunks(tokens, SCORE_CHUNK)
+            return
+        import numpy as np
+
+        og, model = self.genai_model()
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(tokens) + 1, do_sample=False)
+        generator = og.Generator(model, params)
+        for start in range(0, len(tokens), SCORE_CHUNK):
+            chunk = tokens[start : start + SCORE_CHUNK]
+            generator.append_tokens(np.array(chunk, dtype=np.int32))
+            logits = np.asarray(generator.get_output("logits"))
+            yield logits.reshape(-1, logits.shape[-1])[-len(chunk) :]
 
     def _withdraw(self, request: _Request) -> None:
         """Take a cancelled request out of the queue, if it is still there: its place is free at once,
@@ -293,12 +335,14 @@ class GenerationEngine:
             return
         self._ready.set()
         try:
-            while (work := self._next_work()) is not None:
-                if isinstance(work, _Call):
-                    work.run(self._og, self._model)
-                elif work:
-                    self._run_safely(work)
-            self._prefixes.clear()  # the kept Generators go with the model, on its thread
+            if self._batcher is not None:
+                self._serve_continuous(self._batcher)
+            else:
+                while (work := self._next_work()) is not None:
+                    if isinstance(work, _Call):
+                        work.run()
+                    elif work:
+                        self._run_safely(work)
         except BaseException:
             # A bug here would otherwise leave every caller waiting for an owner that is gone.
             log.exception("the generation engine's owner thread failed; the model is unloaded")
@@ -323,10 +367,92 @@ class GenerationEngine:
         threads = self.options.intra_op_threads or len(os.sched_getaffinity(0))
         # Measured: the default thread pool halves int4 decode speed on small machines.
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
-        self._og = og
-        self._model = og.Model(config)
-        self._tokenizer = og.Tokenizer(self._model)
+        self._og, self._genai_config = og, config
+        self._tokenizer = og.Tokenizer(config)
         self._tokenizer_lock = threading.Lock()
+        if self.options.scheduler not in ("auto", "continuous", "genai"):
+            raise SlmflowError(f"unknown scheduler {self.options.scheduler!r}: use auto, continuous or genai")
+        if self.options.scheduler != "genai":
+            try:
+                layout, model_file = layout_of(self._config, self.model_dir)
+                decoder = Decoder(model_file, layout, self.options.max_batch_size, threads, self.context_length)
+            except UnsupportedGraph as e:
+                if self.options.scheduler == "continuous":
+                    raise SlmflowError(f"the continuous scheduler cannot run this model: {e}") from None
+                log.info("%s runs on ONNX Runtime GenAI Generators: %s", self.model_dir, e)
+            else:
+                self._batcher = ContinuousBatcher(
+                    decoder,
+                    PrefixCache(self.options.prefix_cache_bytes, layout.bytes_per_token),
+                    eos_token_ids=self.eos_token_ids,
+                    pad_token_id=self.pad_token_id,
+                    prefill_chunk=self.options.prefill_chunk,
+                    prefix_min_tokens=self.options.prefix_min_tokens,
+                    stats=self.stats,
+                )
+                return
+        self.genai_model()
+
+    # --- continuous scheduler (owner thread) ------------------------------------------------------
+
+    def _serve_continuous(self, batcher: ContinuousBatcher) -> None:
+        """Admit what waits into free slots and step, until the engine is closed."""
+        while (work := self._next_admission(batcher)) is not None:
+            if isinstance(work, _Call):
+                work.run()
+                continue
+            plain = []
+            for request in work:
+                if request.params.guidance:  # a grammar needs ONNX Runtime GenAI: it runs alone, now
+                    self._run_safely([request])
+                else:
+                    plain.append(_Row(request, self._tokenizer.create_stream(), self.stats))
+            if plain:
+                if batcher.idle:
+                    self.stats.batch_started(len(plain))
+                else:
+                    self.stats.joined(len(plain), running=self.stats.running + len(plain))
+                batcher.admit(plain)
+            if not batcher.idle:
+                batcher.step()
+        batcher.fail_all(SlmflowError("the model has been unloaded"))
+        batcher.prefixes.clear()
+
+    def _next_admission(self, batcher: ContinuousBatcher) -> _Call | list[_Request] | None:
+        """A call, or the waiting requests that fit the free slots (possibly none: then the running
+        rows step on). Waits only when nothing runs. None once the engine is closed."""
+        with self._wakeup:
+            while batcher.idle and not self._pending and not self._calls and not self._closed:
+                self._wakeup.wait()
+            if self._closed:
+                self._fail_waiting()
+                return None
+            if self._calls:
+                return self._calls.popleft()
+            if not self._pending or not batcher.free_slots:
+                return []
+            if batcher.idle:
+                self._gather()
+            admitted: list[_Request] = []
+            while self._pending and len(admitted) < batcher.free_slots:
+                request = self._pending.popleft()
+                if request.cancelled.is_set():
+                    self.stats.finished["cancelled"] += 1
+                else:
+                    admitted.append(request)
+            self.stats.queue_depth = len(self._pending)
+            return admitted
+
+    def _fail_waiting(self) -> None:
+        """The engine is closed: fail every queued request and call (lock held)."""
+        for request in self._pending:
+            request.put("error", SlmflowError("the model has been unloaded"))
+        for call in self._calls:
+            call.future.set_exception(SlmflowError("the model has been unloaded"))
+        self._pending.clear()
+        self._calls.clear()
+
+    # --- genai scheduler (owner thread) ----------------------------------------------------------
 
     def _next_work(self) -> _Call | list[_Request] | None:
         """Wait for work: a call, or the oldest request with every waiting one that may share its
@@ -335,12 +461,7 @@ class GenerationEngine:
             while not self._pending and not self._calls and not self._closed:
                 self._wakeup.wait()
             if self._closed:
-                for request in self._pending:
-                    request.put("error", SlmflowError("the model has been unloaded"))
-                for call in self._calls:
-                    call.future.set_exception(SlmflowError("the model has been unloaded"))
-                self._pending.clear()
-                self._calls.clear()
+                self._fail_waiting()
                 return None
             if self._calls:
                 return self._calls.popleft()
@@ -391,89 +512,35 @@ class GenerationEngine:
         rows = [_Row(r, self._tokenizer.create_stream(), self.stats) for r in batch]
         everyone = list(rows)
         self.stats.batch_started(len(rows))
-        generator, max_length = self._reuse(rows) or self._start(rows)
+        generator = self._start(rows)
         while joiners := self._decode(generator, rows):
             newcomers = [_Row(r, self._tokenizer.create_stream(), self.stats) for r in joiners]
             everyone += newcomers
             rows = [row for row in rows if not row.finished] + newcomers
             self.stats.joined(len(newcomers), running=len(rows))
-            generator, max_length = self._start(rows)
-        self._keep(generator, max_length, rows)
+            generator = self._start(rows)
         self.stats.batch_finished(sum(row.generated for row in everyone))
 
-    def _start(self, rows: list[_Row]) -> tuple[Any, int]:
-        """A Generator that has read every row's prompt and the tokens it generated so far, and the
-        length of its KV buffer."""
+    def _start(self, rows: list[_Row]) -> Any:
+        """A Generator that has read every row's prompt and the tokens it generated so far."""
         import numpy as np
 
-        og = self._og
+        og, model = self.genai_model()
         contexts = [row.context for row in rows]
         width = max(len(c) for c in contexts)
-        params = og.GeneratorParams(self._model)
+        params = og.GeneratorParams(model)
         first = rows[0].request.params
         to_come = max(row.to_come for row in rows)
-        if self._keepable(rows):  # room for the conversation's next turn, to be read into it
-            to_come = min(to_come + self.options.prefix_headroom, self.context_length - width)
         at_least = max(row.min_to_come for row in rows)
         params.set_search_options(**_search_options(first, len(rows), width, to_come, at_least))
         if first.guidance:  # guided requests run alone and never take newcomers: no restart re-applies it
             params.set_guidance(*first.guidance)
-        generator = og.Generator(self._model, params)
+        generator = og.Generator(model, params)
         tokens = np.full((len(rows), width), self.pad_token_id, dtype=np.int32)
         for index, context in enumerate(contexts):
             tokens[index, : len(context)] = context
         generator.append_tokens(tokens if len(rows) > 1 else tokens[0])
-        return generator, width + to_come
-
-    def _keepable(self, rows: list[_Row]) -> bool:
-        """Would this batch's Generator be kept for prefix reuse (see _reuse)?"""
-        if len(rows) != 1 or _prefix_key(rows[0].request) is None:
-            return False
-        prompt = len(rows[0].request.prompt_ids)
-        room = min(prompt + rows[0].to_come + self.options.prefix_headroom, self.context_length)
-        return prompt >= self.options.prefix_min_tokens and self._prefixes.fits(room)
-
-    def _reuse(self, rows: list[_Row]) -> tuple[Any, int] | None:
-        """A kept Generator that already read the start of this lone request's prompt, having read
-        the rest of it; None when there is none (or the request may not use one)."""
-        import numpy as np
-
-        if len(rows) != 1 or (key := _prefix_key(rows[0].request)) is None or not len(self._prefixes):
-            return None
-        row = rows[0]
-        prompt = row.request.prompt_ids
-        if len(prompt) <= self.options.prefix_min_tokens:  # too short to share that much with anything
-            return None
-        try:
-            taken = self._prefixes.take(key, prompt, len(prompt) + row.to_come, self.options.prefix_min_tokens)
-            if taken is not None:
-                generator, reused, max_length = taken
-                generator.append_tokens(np.asarray(prompt[reused:], dtype=np.int32))
-        except Exception:
-            # A model ONNX Runtime GenAI cannot rewind (some architectures, sliding windows): reuse
-            # ends for this engine, and this request is read whole as it would have been anyway.
-            log.warning("prefix reuse is off for %s: its Generator cannot be rewound", self.model_dir, exc_info=True)
-            self._prefixes = PrefixCache(0, self._prefixes.bytes_per_token)
-            taken = None
-        self.stats.prefix_cache_bytes = self._prefixes.nbytes
-        if taken is None:
-            self.stats.prefix_misses += 1
-            return None
-        row.cached_tokens = reused
-        self.stats.prefix_hits += 1
-        self.stats.prefix_cached_tokens += reused
-        return generator, max_length
-
-    def _keep(self, generator: Any, max_length: int, rows: list[_Row]) -> None:
-        """Keep a lone request's Generator, with what it read, for a later prompt that starts alike."""
-        if self._keepable(rows) and not rows[0].request.cancelled.is_set():
-            # Only the prompt is offered for reuse, not the answer: the answer's KV was computed one
-            # token at a time, and on quantized models the decode kernels differ from the prefill
-            # ones in the last bits, enough to flip a greedy answer (seen on SmolLM2 int8). The
-            # prompt's KV came from a prefill, as it would without reuse.
-            tokens = list(rows[0].request.prompt_ids)
-            self._prefixes.put(generator, tokens, _prefix_key(rows[0].request) or (), max_length)
-            self.stats.prefix_cache_bytes = self._prefixes.nbytes
+        return generator
 
     def _decode(self, generator: Any, rows: list[_Row]) -> list[_Request]:
         """Step until every row is finished (then []), or until requests may join (then those)."""
@@ -536,7 +603,10 @@ class _Row:
         self.tokens: list[int] = []
         self.text: list[str] = []
         self.finished = False
-        self.cached_tokens = 0  # of its prompt, found already read in a kept Generator
+        self.cached_tokens = 0  # of its prompt, found already read (prefix reuse)
+        # Called as the row ends well, before its caller hears it: what the row leaves behind (a
+        # kept prefix) is in place by the time its caller can send the next turn.
+        self.before_done: Callable[[], None] | None = None
 
     @property
     def generated(self) -> int:
@@ -582,6 +652,8 @@ class _Row:
         self.stats.finished[reason] += 1
         if flush:
             self._emit(self.stops.flush())
+        if self.before_done is not None:
+            self.before_done()
         usage = Usage(len(self.request.prompt_ids), self.generated, self.cached_tokens)
         self.request.put("done", Completion("".join(self.text), reason, usage, tuple(self.tokens)))
 
@@ -599,13 +671,13 @@ class _Row:
 class _Call:
     """A function to run on the owner thread, with the future its caller waits on."""
 
-    def __init__(self, fn: Callable[[Any, Any], Any]) -> None:
+    def __init__(self, fn: Callable[[], Any]) -> None:
         self.fn = fn
         self.future: Future = Future()
 
-    def run(self, og: Any, model: Any) -> None:
+    def run(self) -> None:
         try:
-            self.future.set_result(self.fn(og, model))
+            self.future.set_result(self.fn())
         except Exception as e:
             self.future.set_exception(e)
 
@@ -618,28 +690,23 @@ class Scores:
     top_tokens: list[int]
 
 
-def _score_tokens(og: Any, model: Any, token_ids: list[int]) -> Scores:
-    """Teacher-forced log-probabilities, read as a prompt is: the Generator's "logits" output holds
-    every position of the tokens appended last. Appended in chunks, so the logits in memory stay
-    at SCORE_CHUNK x vocabulary (a whole 4k context of a 32k vocabulary would be half a gigabyte)."""
+def _score_tokens(chunks: Iterator[Any], token_ids: list[int]) -> Scores:
+    """Teacher-forced log-probabilities from the logits of every position but the last, read in
+    chunks, so the logits in memory stay at SCORE_CHUNK x vocabulary (a whole 4k context of a 32k
+    vocabulary would be half a gigabyte)."""
     import numpy as np
 
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(token_ids), do_sample=False)
-    generator = og.Generator(model, params)
     logprobs: list[float] = []
     top_tokens: list[int] = []
-    inputs = token_ids[:-1]
-    for start in range(0, len(inputs), SCORE_CHUNK):
-        chunk = inputs[start : start + SCORE_CHUNK]
-        generator.append_tokens(np.array(chunk, dtype=np.int32))
-        logits = np.asarray(generator.get_output("logits"), dtype=np.float64)
-        logits = logits.reshape(-1, logits.shape[-1])[-len(chunk) :]
+    start = 0
+    for chunk_logits in chunks:
+        logits = np.asarray(chunk_logits, dtype=np.float64)
         top = logits.max(axis=1, keepdims=True)
         log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-        following = np.array(token_ids[start + 1 : start + 1 + len(chunk)])
-        logprobs += (logits[np.arange(len(chunk)), following] - log_norm).tolist()
+        following = np.array(token_ids[start + 1 : start + 1 + len(logits)])
+        logprobs += (logits[np.arange(len(logits)), following] - log_norm).tolist()
         top_tokens += logits.argmax(axis=1).tolist()
+        start += len(logits)
     return Scores(logprobs, top_tokens)
 
 
@@ -699,30 +766,6 @@ def _batch_key(request: _Request) -> tuple:
     if p.seed is not None:
         return ("seeded", request.number)
     return ("sample", p.temperature, p.top_p, p.top_k, p.min_tokens)
-
-
-def _prefix_key(request: _Request) -> tuple | None:
-    """What a kept Generator must have been made with to serve `request`; None when the request may
-    not use one: guided (grammar state), seeded (its random stream starts at its seed), or held to
-    min_tokens (a Generator's min_length is fixed when it is made)."""
-    p = request.params
-    if p.guidance or p.min_tokens or (p.seed is not None and not p.greedy):
-        return None
-    return ("greedy",) if p.greedy else ("sample", p.temperature, p.top_p, p.top_k)
-
-
-def _kv_bytes_per_token(config: dict[str, Any]) -> int:
-    """Bytes of KV cache one token takes: keys and values of every layer (float32 on CPU, float16
-    on CUDA, as the model builder exports them)."""
-    decoder = config["model"].get("decoder", {})
-    try:
-        per_token = (
-            2 * int(decoder["num_hidden_layers"]) * int(decoder["num_key_value_heads"]) * int(decoder["head_size"])
-        )
-    except (KeyError, TypeError, ValueError):
-        return 0  # unknown shapes: nothing is kept (PrefixCache.fits is False)
-    cuda = "cuda" in json.dumps(decoder.get("session_options", {}).get("provider_options", []))
-    return per_token * (2 if cuda else 4)
 
 
 def _search_options(p: SamplingParams, batch_size: int, width: int, new_tokens: int, at_least: int) -> dict[str, Any]:

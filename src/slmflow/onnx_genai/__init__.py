@@ -45,7 +45,7 @@ def get_default_pip_requirements() -> list[str]:
     """The minimal, pinned requirements of a model of this flavor."""
     from mlflow.utils.requirements_utils import _get_pinned_requirement
 
-    return [_get_pinned_requirement(module) for module in ("onnxruntime-genai", "numpy", "pandas", "jinja2")]
+    return [_get_pinned_requirement(module) for module in ("onnxruntime-genai", "onnxruntime", "numpy", "pandas", "jinja2")]
 
 
 def get_default_conda_env() -> dict[str, Any]:

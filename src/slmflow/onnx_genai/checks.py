@@ -65,7 +65,7 @@ def check_guidance(engine: GenerationEngine, guidance: tuple[str, str] | None) -
             _compiled.move_to_end(key)
             return
     try:
-        engine.run_on_owner(lambda og, model: _compile(og, model, guidance))
+        engine.run_on_owner(lambda: _compile(*engine.genai_model(), guidance))
     except RuntimeError as e:
         raise InvalidRequest(f"response_format cannot be used: {e}", param="response_format") from None
     with _compiled_lock:

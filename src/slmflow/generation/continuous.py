@@ -1,0 +1,241 @@
+"""Iteration-level (continuous) batching over the direct decoder's KV slots.
+
+Each admitted request takes a free slot. Every step reads some prompt tokens (newcomers' prompts,
+in chunks while others are decoding, so no running answer stalls for a whole long prompt) and then
+decodes one token for every row whose prompt is read. Requests join and leave between any two
+steps; none waits for a running batch to end, and no running row is re-read when one joins.
+
+Prefix reuse: when a request ends, the KV of its prompt is kept (generation/prefix_cache.py). A
+newcomer whose prompt starts the same way gets that KV copied into its slot and reads only the rest.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from slmflow.generation.decoder import Decoder
+from slmflow.generation.prefix_cache import PrefixCache
+from slmflow.generation.sampling import Sampler
+
+log = logging.getLogger(__name__)
+
+
+class Row(Protocol):
+    """What the engine's rows offer (engine._Row)."""
+
+    finished: bool
+    cached_tokens: int
+    request: Any
+    before_done: Callable[[], None] | None
+
+    @property
+    def generated(self) -> int: ...
+    def step(self, token: int, eos: frozenset[int]) -> None: ...
+
+
+@dataclass(eq=False)
+class _Live:
+    row: Row
+    slot: int
+    sampler: Sampler
+    length: int = 0  # tokens whose KV is in the slot
+    todo: list[int] | None = None  # prompt tokens still to read
+    next_token: int | None = None  # sampled, to be read by the next decode step
+
+    @property
+    def prompt(self) -> list[int]:
+        return self.row.request.prompt_ids
+
+
+class ContinuousBatcher:
+    """The running rows of a direct-decoder engine; driven by the engine's owner thread."""
+
+    def __init__(
+        self,
+        decoder: Decoder,
+        prefixes: PrefixCache,
+        *,
+        eos_token_ids: frozenset[int],
+        pad_token_id: int,
+        prefill_chunk: int,
+        prefix_min_tokens: int,
+        stats: Any,
+    ) -> None:
+        self.decoder = decoder
+        self.prefixes = prefixes
+        self.eos = eos_token_ids
+        self.pad = pad_token_id
+        self.prefill_chunk = prefill_chunk
+        self.prefix_min_tokens = prefix_min_tokens
+        self.stats = stats
+        self._live: list[_Live] = []
+
+    @property
+    def idle(self) -> bool:
+        return not self._live
+
+    @property
+    def free_slots(self) -> int:
+        return self.decoder.slots - len(self._live)
+
+    def admit(self, rows: list[Row]) -> None:
+        """Give each row a slot, and the KV of the longest kept prefix of its prompt."""
+        used = {live.slot for live in self._live}
+        free = (slot for slot in range(self.decoder.slots) if slot not in used)
+        for row in rows:
+            live = _Live(row, next(free), Sampler(row.request.params, self.eos))
+            live.todo = list(live.prompt)
+            row.before_done = functools.partial(self._ended, live)
+            self._reuse(live)
+            self._live.append(live)
+        self.stats.running = len(self._live)
+        self.stats.prefix_cache_bytes = self.prefixes.nbytes
+
+    def step(self) -> None:
+        """Read prompt tokens, then decode one token for every row whose prompt is read."""
+        try:
+            self._drop_cancelled()
+            self._prefill()
+            self._decode()
+        except Exception as e:
+            from slmflow.errors import SlmflowError
+
+            log.exception("generation failed for %d request(s)", len(self._live))
+            for live in self._live:
+                if not live.row.finished:
+                    live.row.finished = True
+                    live.row.request.put("error", SlmflowError(f"generation failed: {e}"))
+                    self.stats.finished["error"] += 1
+            self._live = []
+        self._retire()
+
+    def fail_all(self, error: Exception) -> None:
+        for live in self._live:
+            live.row.request.put("error", error)
+        self._live = []
+
+    # --- prompt reading ------------------------------------------------------------------------
+
+    def _reuse(self, live: _Live) -> None:
+        prompt = live.prompt
+        if len(prompt) <= self.prefix_min_tokens or not len(self.prefixes):
+            return
+        found = self.prefixes.find(prompt, self.prefix_min_tokens)
+        if found is None:
+            self.stats.prefix_misses += 1
+            return
+        kv, reused = found
+        self.decoder.write_slot(live.slot, kv, reused)
+        live.length, live.todo = reused, prompt[reused:]
+        live.row.cached_tokens = reused
+        self.stats.prefix_hits += 1
+        self.stats.prefix_cached_tokens += reused
+
+    def _prefill(self) -> None:
+        """Read prompts: fresh short ones together, the others a chunk at a time at batch size 1.
+        While rows are decoding, about one chunk's worth per step, so their answers keep coming."""
+        reading = [live for live in self._live if live.todo]
+        if not reading:
+            return
+        decoding = any(live.next_token is not None for live in self._live)
+        budget = self.prefill_chunk if decoding else None
+        fresh = [live for live in reading if live.length == 0 and len(live.todo or ()) <= self.prefill_chunk]
+        if fresh and len(fresh) > 1:
+            fresh = self._fit(fresh, budget)
+            logits = self.decoder.prefill_fresh([f.slot for f in fresh], [f.todo or [] for f in fresh], self.pad)
+            for live, row_logits in zip(fresh, logits, strict=True):
+                live.length, live.todo = len(live.todo or ()), None
+                self._sampled(live, row_logits)
+            if budget is not None:
+                return
+            reading = [live for live in reading if live.todo]
+        for live in reading:
+            todo = live.todo or []
+            chunk = todo[: self.prefill_chunk if budget is None else max(1, min(budget, self.prefill_chunk))]
+            logits = self.decoder.extend(live.slot, live.length, chunk)
+            live.length += len(chunk)
+            live.todo = todo[len(chunk) :] or None
+            if live.todo is None:
+                self._sampled(live, logits)
+            if budget is not None:
+                budget -= len(chunk)
+                if budget <= 0:
+                    return
+
+    def _fit(self, fresh: list[_Live], budget: int | None) -> list[_Live]:
+        """The fresh prompts to read in one run: all of them, or within the budget while others decode."""
+        if budget is None:
+            return fresh
+        taken, total = [], 0
+        for live in fresh:
+            if taken and total + len(live.todo or ()) > budget:
+                break
+            taken.append(live)
+            total += len(live.todo or ())
+        return taken
+
+    # --- decoding ------------------------------------------------------------------------------
+
+    def _decode(self) -> None:
+        decoding = [live for live in self._live if live.next_token is not None and not live.row.finished]
+        if not decoding:
+            return
+        lengths = [0] * self.decoder.slots
+        for live in self._live:
+            lengths[live.slot] = live.length
+        logits = self.decoder.decode({live.slot: live.next_token or 0 for live in decoding}, lengths, self.pad)
+        for live in decoding:
+            live.length += 1
+            live.next_token = None
+            self._sampled(live, logits[live.slot])
+
+    def _sampled(self, live: _Live, logits: Any) -> None:
+        """Choose the row's next token from `logits` and hand it to the row."""
+        row = live.row
+        if row.request.cancelled.is_set():
+            row.step(0, self.eos)  # a cancelled row drops itself
+            return
+        token = live.sampler.pick(logits, row.generated)
+        row.step(token, self.eos)
+        if not row.finished:
+            live.next_token = token
+
+    def _drop_cancelled(self) -> None:
+        for live in self._live:
+            if live.row.request.cancelled.is_set() and not live.row.finished:
+                live.row.step(0, self.eos)
+
+    def _retire(self) -> None:
+        """Free the slots of finished rows."""
+        if not any(live.row.finished for live in self._live):
+            return
+        self._live = [live for live in self._live if not live.row.finished]
+        self.stats.running = len(self._live)
+        if not self._live:
+            self.decoder.shrink()
+
+    def _ended(self, live: _Live) -> None:
+        """A row ends well (stop or length): count its tokens, keep its prompt's KV."""
+        self.stats.generated_tokens += live.row.generated
+        if self._keepable(live):
+            prompt = live.prompt
+            self.prefixes.put(prompt, self.decoder.read_slot(live.slot, len(prompt)))
+            self.stats.prefix_cache_bytes = self.prefixes.nbytes
+
+    def _keepable(self, live: _Live) -> bool:
+        """Worth keeping: a long enough prompt, read whole, not already kept, by a row that ended well.
+        Only the prompt: the answer's KV came from decode kernels, which differ from the prefill ones
+        in the last bits on quantized models (enough to flip a greedy answer on SmolLM2 int8)."""
+        prompt = live.prompt
+        return (
+            not live.row.request.cancelled.is_set()
+            and live.todo is None
+            and len(prompt) >= self.prefix_min_tokens
+            and live.length >= len(prompt)
+            and self.prefixes.fits(len(prompt))
+            and not self.prefixes.holds(prompt)
+        )

@@ -1,0 +1,236 @@
+"""The model builder's decoder graph, run directly on ONNX Runtime with a KV cache we own.
+
+ONNX Runtime GenAI 0.18 batches on CPU only by restarting a Generator (its `og.Engine` with dynamic
+batching is CUDA-only) and keeps a KV state only inside one Generator. Running the same graph
+ourselves gives every request a *slot*: row `slot` of one `[slots, kv_heads, capacity, head_size]`
+buffer per layer and per key/value, bound as both past and present (GroupQueryAttention writes the
+new tokens in place). Rows at different lengths decode in one batch: each row's past length comes
+from its own attention-mask row (GQA's `seqlens_k`), so a request joins or leaves between any two
+steps, and a slot can be filled with a kept prefix's KV (prefix reuse) before the rest is read.
+
+GQA reads a prompt that continues a past (sequence > 1 with a past) only at batch size 1, so such
+prompts are read one row at a time into their slot; first prompts (no past) are read together into
+a scratch buffer and copied into their slots.
+
+Knows neither MLflow nor HTTP; used by the engine's owner thread only (not thread-safe).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Capacity (tokens per slot) grows in steps of this many tokens, and returns to it when idle.
+CAPACITY_STEP = 256
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The decoder graph's shapes and names, from genai_config.json."""
+
+    layers: int
+    kv_heads: int
+    head_size: int
+    vocab_size: int
+    key_name: str  # e.g. "past_key_values.%d.key"
+    value_name: str
+    present_key_name: str
+    present_value_name: str
+
+    @property
+    def bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_size * 4  # float32 keys and values
+
+
+class UnsupportedGraph(Exception):
+    """This model's graph or provider is not one the direct decoder runs (ONNX Runtime GenAI does)."""
+
+
+def layout_of(config: dict[str, Any], model_dir: Path) -> tuple[Layout, Path]:
+    """The graph layout and file, or UnsupportedGraph (a GPU build, or inputs we do not provide)."""
+    decoder = config["model"].get("decoder", {})
+    providers = decoder.get("session_options", {}).get("provider_options", [])
+    if providers:
+        raise UnsupportedGraph(f"execution provider {json.dumps(providers)}")
+    inputs, outputs = decoder.get("inputs", {}), decoder.get("outputs", {})
+    try:
+        layout = Layout(
+            layers=int(decoder["num_hidden_layers"]),
+            kv_heads=int(decoder["num_key_value_heads"]),
+            head_size=int(decoder["head_size"]),
+            vocab_size=int(config["model"]["vocab_size"]),
+            key_name=inputs["past_key_names"],
+            value_name=inputs["past_value_names"],
+            present_key_name=outputs["present_key_names"],
+            present_value_name=outputs["present_value_names"],
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise UnsupportedGraph(f"genai_config.json lacks {e}") from None
+    extra = set(inputs) - {"input_ids", "attention_mask", "past_key_names", "past_value_names"}
+    if extra or inputs.get("input_ids") != "input_ids" or inputs.get("attention_mask") != "attention_mask":
+        raise UnsupportedGraph(f"decoder inputs {sorted(inputs)}")
+    return layout, model_dir / decoder.get("filename", "model.onnx")
+
+
+class Decoder:
+    """One ONNX Runtime session of the decoder graph and the KV slots of the requests it runs."""
+
+    def __init__(self, model_file: Path, layout: Layout, slots: int, threads: int, max_capacity: int) -> None:
+        import numpy as np
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self._session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+        names = {i.name for i in self._session.get_inputs()}
+        expected = {"input_ids", "attention_mask"} | {
+            name % i for i in range(layout.layers) for name in (layout.key_name, layout.value_name)
+        }
+        if names != expected:
+            raise UnsupportedGraph(f"graph inputs {sorted(names - expected) or sorted(expected - names)}")
+        self._output_names = [output.name for output in self._session.get_outputs()]
+        self._ort, self._np = ort, np
+        self.layout = layout
+        self.slots = slots
+        self.max_capacity = max_capacity
+        self.capacity = 0
+        self._keys: list[Any] = []
+        self._values: list[Any] = []
+        self._grow(min(CAPACITY_STEP, max_capacity))
+
+    # --- KV slots ------------------------------------------------------------------------------
+
+    @property
+    def nbytes(self) -> int:
+        return self.slots * self.capacity * self.layout.bytes_per_token
+
+    def ensure_capacity(self, tokens: int) -> None:
+        """Room for `tokens` tokens in every slot (existing contents kept)."""
+        if tokens > self.capacity:
+            # By half again at least: a growing conversation would otherwise copy every slot's KV
+            # each CAPACITY_STEP tokens.
+            wanted = max(tokens, self.capacity * 3 // 2)
+            self._grow(min(-(-wanted // CAPACITY_STEP) * CAPACITY_STEP, max(self.max_capacity, tokens)))
+
+    def shrink(self) -> None:
+        """Give back a grown buffer's memory (call when no slot holds anything)."""
+        if self.capacity > CAPACITY_STEP:
+            self._keys, self._values, self.capacity = [], [], 0
+            self._grow(CAPACITY_STEP)
+
+    def _grow(self, capacity: int) -> None:
+        np, shape = self._np, (self.slots, self.layout.kv_heads, capacity, self.layout.head_size)
+        keys = [np.zeros(shape, np.float32) for _ in range(self.layout.layers)]
+        values = [np.zeros(shape, np.float32) for _ in range(self.layout.layers)]
+        if self.capacity:
+            for old, new in zip(self._keys + self._values, keys + values, strict=True):
+                new[:, :, : self.capacity] = old
+        self._keys, self._values, self.capacity = keys, values, capacity
+
+    def read_slot(self, slot: int, length: int) -> Any:
+        """A copy of the first `length` tokens' KV in `slot`: [layers, 2, kv_heads, length, head_size]."""
+        np = self._np
+        return np.stack([np.stack([k[slot, :, :length], v[slot, :, :length]]) for k, v in zip(self._keys, self._values)])
+
+    def write_slot(self, slot: int, kv: Any, length: int) -> None:
+        """Put the first `length` tokens of `kv` (as read_slot returns it) into `slot`."""
+        self.ensure_capacity(length)
+        for layer, (k, v) in enumerate(zip(self._keys, self._values, strict=True)):
+            k[slot, :, :length] = kv[layer, 0, :, :length]
+            v[slot, :, :length] = kv[layer, 1, :, :length]
+
+    # --- running the graph ---------------------------------------------------------------------
+
+    def prefill_fresh(self, slots: list[int], prompts: list[list[int]], pad: int) -> Any:
+        """Read first prompts (no past) together, put their KV in `slots`; each row's last logits."""
+        np = self._np
+        width = max(len(p) for p in prompts)
+        self.ensure_capacity(width)
+        ids = np.full((len(prompts), width), pad, dtype=np.int64)
+        mask = np.zeros((len(prompts), width), dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = prompt
+            mask[row, : len(prompt)] = 1
+        empty = np.zeros((len(prompts), self.layout.kv_heads, 0, self.layout.head_size), np.float32)
+        feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": mask}
+        for layer in range(self.layout.layers):
+            feeds[self.layout.key_name % layer] = empty
+            feeds[self.layout.value_name % layer] = empty
+        logits, keys, values = self._outputs(self._session.run(None, feeds))
+        for row, (slot, prompt) in enumerate(zip(slots, prompts, strict=True)):
+            n = len(prompt)
+            for layer in range(self.layout.layers):
+                self._keys[layer][slot, :, :n] = keys[layer][row, :, :n]
+                self._values[layer][slot, :, :n] = values[layer][row, :, :n]
+        return np.stack([logits[row, len(p) - 1] for row, p in enumerate(prompts)])
+
+    def extend(self, slot: int, past: int, tokens: list[int], all_logits: bool = False) -> Any:
+        """Read `tokens` into `slot`, after the `past` tokens it holds; the last token's logits (or
+        every token's, [len(tokens), vocab])."""
+        np = self._np
+        self.ensure_capacity(past + len(tokens))
+        ids = np.asarray([tokens], dtype=np.int64)
+        mask = np.ones((1, past + len(tokens)), dtype=np.int64)
+        logits = self._run(ids, mask, slot, slot + 1)
+        return logits[0] if all_logits else logits[0, -1]
+
+    def decode(self, tokens: dict[int, int], lengths: list[int], pad: int) -> Any:
+        """One step for the slots in `tokens` (slot -> its next token), each after the `lengths[slot]`
+        tokens it holds; logits [slots up to the highest one given, vocab]. Slots not given run a pad
+        token whose KV lands just past what they hold, where their next write goes anyway."""
+        np = self._np
+        rows = max(tokens) + 1
+        self.ensure_capacity(max(lengths[:rows]) + 1)
+        ids = np.full((rows, 1), pad, dtype=np.int64)
+        for slot, token in tokens.items():
+            ids[slot, 0] = token
+        width = max(lengths[:rows]) + 1
+        mask = np.zeros((rows, width), dtype=np.int64)
+        for slot in range(rows):
+            mask[slot, : lengths[slot] + 1] = 1
+        return self._run(ids, mask, 0, rows)[:, -1]
+
+    def _run(self, ids: Any, mask: Any, first: int, end: int) -> Any:
+        ort = self._ort
+        binding = self._session.io_binding()
+        binding.bind_cpu_input("input_ids", ids)
+        binding.bind_cpu_input("attention_mask", mask)
+        names = ((self.layout.key_name, self.layout.present_key_name, self._keys),
+                 (self.layout.value_name, self.layout.present_value_name, self._values))  # fmt: skip
+        for past_name, present_name, buffers in names:
+            for layer, buffer in enumerate(buffers):
+                # The same memory as past and present: GQA appends the new tokens in place.
+                value = ort.OrtValue.ortvalue_from_numpy(buffer[first:end])
+                binding.bind_ortvalue_input(past_name % layer, value)
+                binding.bind_ortvalue_output(present_name % layer, value)
+        binding.bind_output("logits")
+        self._session.run_with_iobinding(binding)
+        return binding.get_outputs()[-1].numpy()
+
+    def logits_in_chunks(self, tokens: list[int], chunk: int) -> Any:
+        """Every position's logits for `tokens`, read `chunk` tokens at a time (teacher forcing), in
+        buffers of its own: no slot is touched, so scoring runs beside live requests."""
+        np = self._np
+        empty = np.zeros((1, self.layout.kv_heads, 0, self.layout.head_size), np.float32)
+        keys, values = [empty] * self.layout.layers, [empty] * self.layout.layers
+        for start in range(0, len(tokens), chunk):
+            ids = np.asarray([tokens[start : start + chunk]], dtype=np.int64)
+            feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": np.ones((1, start + ids.shape[1]), dtype=np.int64)}
+            for layer in range(self.layout.layers):
+                feeds[self.layout.key_name % layer] = keys[layer]
+                feeds[self.layout.value_name % layer] = values[layer]
+            logits, keys, values = self._outputs(self._session.run(None, feeds))
+            yield logits[0]
+
+    def _outputs(self, outputs: list[Any]) -> tuple[Any, list[Any], list[Any]]:
+        """(logits, presents' keys by layer, values by layer) from a run's outputs, by name."""
+        named = dict(zip(self._output_names, outputs, strict=True))
+        layers = range(self.layout.layers)
+        keys = [named[self.layout.present_key_name % layer] for layer in layers]
+        return named["logits"], keys, [named[self.layout.present_value_name % layer] for layer in layers]

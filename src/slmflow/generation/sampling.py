@@ -1,0 +1,45 @@
+"""Choosing each request's next token from its logits: greedy, or sampled with its own random stream.
+
+Used by the engine's direct decoder (generation/decoder.py). Every request samples with a generator
+of its own, seeded from its `seed` when it has one, so a seeded answer is the same whatever else
+runs in its batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from slmflow.generation.params import SamplingParams
+
+
+class Sampler:
+    """One request's token choice: temperature, top-k, top-p, and no end-of-sequence before min_tokens."""
+
+    def __init__(self, params: SamplingParams, eos_token_ids: frozenset[int]) -> None:
+        import numpy as np
+
+        self._np = np
+        self.params = params
+        self._eos = np.fromiter(sorted(eos_token_ids), dtype=np.int64)
+        self._random = np.random.default_rng(params.seed) if not params.greedy else None
+
+    def pick(self, logits: Any, generated: int) -> int:
+        """The next token, given its logits [vocab] and how many tokens the request has generated."""
+        np, p = self._np, self.params
+        if generated < p.min_tokens and len(self._eos):
+            logits = logits.copy()
+            logits[self._eos] = -np.inf
+        if self._random is None:
+            return int(np.argmax(logits))
+        scaled = logits.astype(np.float64) / p.temperature
+        candidates = np.arange(len(scaled))
+        if p.top_k and p.top_k < len(scaled):
+            candidates = np.argpartition(-scaled, p.top_k - 1)[: p.top_k]
+        candidates = candidates[np.argsort(-scaled[candidates], kind="stable")]
+        weights = np.exp(scaled[candidates] - scaled[candidates[0]])
+        weights /= weights.sum()
+        if p.top_p is not None and p.top_p < 1.0:
+            # The smallest set of most likely tokens whose probability reaches top_p.
+            keep = int(np.searchsorted(np.cumsum(weights), p.top_p) + 1)
+            candidates, weights = candidates[:keep], weights[:keep] / weights[:keep].sum()
+        return int(candidates[self._random.choice(len(candidates), p=weights)])
