@@ -1,4 +1,5 @@
-"""Multi-turn chat: the time to the first token of each turn, with prefix reuse and without it.
+"""Multi-turn chat and continuous batching: TTFT per turn with and without prefix reuse, and what the
+continuous scheduler costs or gains against the ONNX Runtime GenAI one it replaced on CPU.
 
     .venv/bin/python benchmarks/multiturn_bench.py [--size smol|bench] [--rounds 3] [--concurrency 1,4]
 
@@ -7,9 +8,14 @@ document of about 1,200 tokens (the built-in reference text) to summarise, then 
 questions; greedy answers of at most 64 tokens join the history, so the last turn's prompt passes
 1,500 tokens. For each concurrency level, that many conversations run at once, turn by turn, and the
 time to the first token (TTFT) of every turn is measured in process on the generation engine, against
-a fresh 100-token prompt sent by as many clients at once. Two engines on the same model take turns
-round by round: one keeps prefixes (the default), one keeps none (prefix_cache_bytes=0). The ratio
-last turn / fresh prompt is what the prefix-reuse issue bounds (<= 1.5x).
+a fresh 100-token prompt sent by as many clients at once. Three engines on the same model take turns
+round by round: the continuous scheduler keeping prefixes (the default), the same keeping none
+(prefix_cache_bytes=0), and the ONNX Runtime GenAI scheduler ("genai", the CPU default before). The
+ratio last turn / fresh prompt is what the prefix-reuse issue bounds (<= 1.5x).
+
+In the same run, continuous against genai: aggregate tokens/s of 8 clients on fresh prompts (64
+forced tokens each); head-of-line waiting (TTFT of a short request sent while 4 long ones run); and
+memory: 32 conversations at once with a small prefix budget, the kept bytes sampled every turn.
 
 Writes benchmarks/results/multiturn-SIZE.{md,json}. Run it on a quiet machine.
 """
@@ -57,8 +63,10 @@ def main() -> None:
     engines = {
         "reuse": GenerationEngine(folder),
         "no reuse": GenerationEngine(folder, EngineOptions(prefix_cache_bytes=0)),
+        "genai (before)": GenerationEngine(folder, EngineOptions(scheduler="genai")),
     }
-    results = []
+    results: list[dict[str, Any]] = []
+    extra: dict[str, Any] = {}
     try:
         first = engines["reuse"]
         document, followups = conversation_parts(first)
@@ -74,6 +82,9 @@ def main() -> None:
                     raw[mode].append(one_round(engine, level, document, followups, fresh_prompt, ids))
             for mode, rounds in raw.items():
                 results.append(summarize(mode, level, len(fresh_prompt), rounds))
+        pair = {"continuous": engines["reuse"], "genai": engines["genai (before)"]}
+        extra["throughput_8"] = throughput(pair, fresh_prompt, args.rounds)
+        extra["head_of_line"] = head_of_line(pair, fresh_prompt, args.rounds)
     finally:
         for engine in engines.values():
             engine.close()
@@ -84,9 +95,91 @@ def main() -> None:
             "size": args.size,
             "rounds": args.rounds,
             "results": results,
+            **extra,
+            "memory_32": memory_32(folder, document, followups),
         },
         Path(args.out),
     )
+
+
+def throughput(engines: dict[str, GenerationEngine], prompt: list[int], rounds: int) -> dict[str, float]:
+    """Aggregate tokens/s of 8 clients sending a fresh prompt at once, 64 forced tokens each;
+    median of `rounds` alternated rounds per scheduler."""
+    from slmflow.generation.params import SamplingParams
+
+    forced = SamplingParams(temperature=0.0, max_tokens=64, min_tokens=64)
+    timings: dict[str, list[float]] = {name: [] for name in engines}
+    for _ in range(rounds + 1):  # the first round warms up
+        for name, engine in engines.items():
+            started = time.perf_counter()
+            at_once(lambda i, engine=engine: engine.generate([1000 + i, *prompt], forced), 8)
+            timings[name].append(8 * 64 / (time.perf_counter() - started))
+    result = {name: statistics.median(values[1:]) for name, values in timings.items()}
+    print(json.dumps({"throughput_8_tok_s": result}), flush=True)
+    return result
+
+
+def head_of_line(engines: dict[str, GenerationEngine], prompt: list[int], rounds: int) -> dict[str, float]:
+    """TTFT of a short request sent once 4 long ones (256 forced tokens) have started answering,
+    against the same request alone; medians of `rounds` rounds."""
+    from slmflow.generation.params import SamplingParams
+
+    long = SamplingParams(temperature=0.0, max_tokens=256, min_tokens=256)
+    result: dict[str, float] = {}
+    for name, engine in engines.items():
+        alone, behind = [], []
+        for r in range(rounds):
+            alone.append(ttft(engine, [2000 + r, *prompt])[0])
+            streams = engine.submit_all([([3000 + 10 * r + i, *prompt], long) for i in range(4)])
+            for stream in streams:
+                next(iter(stream))
+            behind.append(ttft(engine, [4000 + r, *prompt])[0])
+            for stream in streams:
+                stream.result()
+        result[f"{name}_alone_s"] = statistics.median(alone)
+        result[f"{name}_behind_4_running_s"] = statistics.median(behind)
+    print(json.dumps({"head_of_line": result}), flush=True)
+    return result
+
+
+def memory_32(folder: Path, document: str, followups: list[str]) -> dict[str, Any]:
+    """32 conversations at once, 3 turns each, with a 256 MB prefix budget: the most KV kept at any
+    turn's end, against the budget, and the process's peak RSS."""
+    import resource
+
+    from slmflow.generation.engine import EngineOptions, GenerationEngine
+
+    budget = 256 << 20
+    engine = GenerationEngine(folder, EngineOptions(prefix_cache_bytes=budget))
+    kept: list[int] = []
+    short_document = " ".join(document.split()[:150])
+    try:
+
+        def conversation(i: int) -> list[tuple[int, float, int]]:
+            messages = [{"role": "system", "content": f"Conversation {i}. Answer briefly."}]
+            measured = []
+            for turn in range(3):
+                text = f"Summarize this text:\n{short_document}" if turn == 0 else followups[turn - 1]
+                messages.append({"role": "user", "content": text})
+                seconds, answer, cached = ttft(engine, engine.encode(engine.render_chat(messages)))
+                kept.append(engine.stats.prefix_cache_bytes)
+                measured.append((0, seconds, cached))
+                messages.append({"role": "assistant", "content": answer})
+            return measured
+
+        turns = at_once(conversation, 32)
+        result = {
+            "budget_bytes": budget,
+            "max_kept_bytes": max(kept),
+            "hits": engine.stats.prefix_hits,
+            "turns": 32 * 3,
+            "cached_turns": sum(1 for c in turns for _, _, cached in c if cached),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        }
+    finally:
+        engine.close()
+    print(json.dumps({"memory_32": result}), flush=True)
+    return result
 
 
 def model_folder(size: str, precision: str) -> Path:
@@ -231,6 +324,24 @@ def write(report: dict, out: Path) -> None:
             + " | ".join(f"{1000 * t:.0f}" for t in r["turn_ttft_s"])
             + f" | {r['last_turn_prompt_tokens']} ({r['last_turn_cached_tokens']}) | {r['last_over_fresh']:.2f}x |"
         )
+    throughput, line, memory = report["throughput_8"], report["head_of_line"], report["memory_32"]
+    lines += [
+        "",
+        "Continuous scheduler against the ONNX Runtime GenAI one (the CPU default before), same run:",
+        "",
+        "| measure | continuous | genai (before) |",
+        "|---|---|---|",
+        f"| 8 clients, fresh prompts, 64 tokens each: aggregate tok/s | {throughput['continuous']:.0f} | "
+        f"{throughput['genai']:.0f} |",
+        f"| TTFT of a fresh prompt alone, ms | {1000 * line['continuous_alone_s']:.0f} | "
+        f"{1000 * line['genai_alone_s']:.0f} |",
+        f"| TTFT of the same prompt sent while 4 long requests run, ms | "
+        f"{1000 * line['continuous_behind_4_running_s']:.0f} | {1000 * line['genai_behind_4_running_s']:.0f} |",
+        "",
+        f"32 conversations at once, 3 turns each, prefix budget {memory['budget_bytes'] >> 20} MB: at most "
+        f"{memory['max_kept_bytes'] / 2**20:.1f} MB kept at any turn's end; {memory['cached_turns']} of "
+        f"{memory['turns']} turns reused a prefix; peak RSS of the benchmark process {memory['peak_rss_mb']} MB.",
+    ]
     (out / f"multiturn-{report['size']}.md").write_text("\n".join(lines) + "\n")
     (out / f"multiturn-{report['size']}.json").write_text(json.dumps(report, indent=2) + "\n")
     print("\n".join(lines))

@@ -281,7 +281,7 @@ def test_a_short_request_is_answered_while_a_long_one_runs(onnx_int4) -> None:
 
 
 def test_a_seeded_sample_is_the_same_alone_and_beside_other_requests(onnx_int4) -> None:
-    from slmflow.generation.engine import EngineOptions, GenerationEngine
+    from slmflow.generation.engine import GenerationEngine
 
     engine = GenerationEngine(onnx_int4)
     try:
@@ -289,7 +289,9 @@ def test_a_seeded_sample_is_the_same_alone_and_beside_other_requests(onnx_int4) 
         prompts = [engine.encode(engine.render_chat(q)) for q in QUESTIONS[:4]]
         alone = engine.generate(prompts[0], seeded)
         with engine_held(engine):
-            streams = engine.submit_all([(prompts[0], seeded)] + [(p, SamplingParams(temperature=1.5)) for p in prompts[1:]])
+            streams = engine.submit_all(
+                [(prompts[0], seeded)] + [(p, SamplingParams(temperature=1.5)) for p in prompts[1:]]
+            )
         assert streams[0].result() == alone
         assert engine.stats.batches == 2 and engine.stats.batched_requests == 5, "they did not share a batch"
     finally:

@@ -113,7 +113,8 @@ def test_requests_in_one_batch_reuse_a_shared_prefix_and_are_kept(engines) -> No
     reusing, fresh = engines
     converse(reusing, ("Spain",), system=THIRD)  # keeps THIRD's system prompt (with a question)
     prompts = [
-        reusing.render_chat([THIRD, {"role": "user", "content": f"What is the capital of {c}?"}]) for c in COUNTRIES[1:4]
+        reusing.render_chat([THIRD, {"role": "user", "content": f"What is the capital of {c}?"}])
+        for c in COUNTRIES[1:4]
     ]
     hits = reusing.stats.prefix_hits
     with engine_held(reusing):  # together: one batch of three, each reading only its question

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from collections.abc import Callable
 from typing import Any, Protocol
 
 from slmflow.generation.decoder import Decoder
@@ -82,7 +82,7 @@ class ContinuousBatcher:
     def free_slots(self) -> int:
         return self.decoder.slots - len(self._live)
 
-    def admit(self, rows: list[Row]) -> None:
+    def admit(self, rows: Sequence[Row]) -> None:
         """Give each row a slot, and the KV of the longest kept prefix of its prompt."""
         used = {live.slot for live in self._live}
         free = (slot for slot in range(self.decoder.slots) if slot not in used)
@@ -170,7 +170,8 @@ class ContinuousBatcher:
         """The fresh prompts to read in one run: all of them, or within the budget while others decode."""
         if budget is None:
             return fresh
-        taken, total = [], 0
+        taken: list[_Live] = []
+        total = 0
         for live in fresh:
             if taken and total + len(live.todo or ()) > budget:
                 break

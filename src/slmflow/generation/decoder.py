@@ -136,7 +136,12 @@ class Decoder:
     def read_slot(self, slot: int, length: int) -> Any:
         """A copy of the first `length` tokens' KV in `slot`: [layers, 2, kv_heads, length, head_size]."""
         np = self._np
-        return np.stack([np.stack([k[slot, :, :length], v[slot, :, :length]]) for k, v in zip(self._keys, self._values)])
+        return np.stack(
+            [
+                np.stack([k[slot, :, :length], v[slot, :, :length]])
+                for k, v in zip(self._keys, self._values, strict=True)
+            ]
+        )
 
     def write_slot(self, slot: int, kv: Any, length: int) -> None:
         """Put the first `length` tokens of `kv` (as read_slot returns it) into `slot`."""
@@ -221,7 +226,10 @@ class Decoder:
         keys, values = [empty] * self.layout.layers, [empty] * self.layout.layers
         for start in range(0, len(tokens), chunk):
             ids = np.asarray([tokens[start : start + chunk]], dtype=np.int64)
-            feeds: dict[str, Any] = {"input_ids": ids, "attention_mask": np.ones((1, start + ids.shape[1]), dtype=np.int64)}
+            feeds: dict[str, Any] = {
+                "input_ids": ids,
+                "attention_mask": np.ones((1, start + ids.shape[1]), dtype=np.int64),
+            }
             for layer in range(self.layout.layers):
                 feeds[self.layout.key_name % layer] = keys[layer]
                 feeds[self.layout.value_name % layer] = values[layer]

@@ -51,9 +51,9 @@ class EngineOptions:
     # for at most max_batch_wait_s: clients that send together share one batch.
     batch_wait_s: float = 0.005
     max_batch_wait_s: float = 0.1
-    # A running batch takes alike requests that arrive during its first join_steps steps, when at
-    # least as many can join as are running: it restarts with its rows' text so far as their
-    # prompts (one re-read of them) rather than leave the newcomers waiting for its whole generation.
+    # genai scheduler: a running batch takes alike requests that arrive during its first join_steps
+    # steps, when at least as many can join as are running: it restarts with its rows' text so far
+    # as their prompts (one re-read of them) rather than leave the newcomers waiting for its end.
     join_steps: int = 8
     # "auto": the continuous scheduler where the graph allows it, else "genai" (see the module doc).
     scheduler: str = "auto"
@@ -228,7 +228,7 @@ class GenerationEngine:
 
     @property
     def scheduler(self) -> str:
-        """"continuous" or "genai": how this engine runs requests (see the module doc)."""
+        """ "continuous" or "genai": how this engine runs requests (see the module doc)."""
         return "continuous" if self._batcher is not None else "genai"
 
     def genai_model(self) -> tuple[Any, Any]:

@@ -21,7 +21,9 @@ class Sampler:
         self._np = np
         self.params = params
         self._eos = np.fromiter(sorted(eos_token_ids), dtype=np.int64)
-        self._random = np.random.default_rng(params.seed) if not params.greedy else None
+        # numpy seeds are non-negative; OpenAI's may be any int64 (each maps to its own stream).
+        seed = None if params.seed is None else params.seed % 2**64
+        self._random = np.random.default_rng(seed) if not params.greedy else None
 
     def pick(self, logits: Any, generated: int) -> int:
         """The next token, given its logits [vocab] and how many tokens the request has generated."""

@@ -29,10 +29,12 @@ MODEL_DATA_PATH = "model"
 _LOADER_MODULE = "slmflow.onnx_genai"
 # Scheduler limits a host may override at load time (`mlflow.pyfunc.load_model(uri, model_config=...)`,
 # `mlflow models serve`'s model config). Saved with their defaults: MLflow overrides saved keys only.
-ENGINE_OPTIONS: dict[str, int] = {
-    "max_batch_size": 8,
-    "max_queue": 256,
+ENGINE_OPTIONS: dict[str, int | str] = {
+    "max_batch_size": EngineOptions.max_batch_size,
+    "max_queue": EngineOptions.max_queue,
     "intra_op_threads": 0,
+    "scheduler": EngineOptions.scheduler,
+    "prefill_chunk": EngineOptions.prefill_chunk,
     "prefix_cache_bytes": EngineOptions.prefix_cache_bytes,
 }
 # What of slmflow the model needs at load time, copied into the model as code.
@@ -45,7 +47,9 @@ def get_default_pip_requirements() -> list[str]:
     """The minimal, pinned requirements of a model of this flavor."""
     from mlflow.utils.requirements_utils import _get_pinned_requirement
 
-    return [_get_pinned_requirement(module) for module in ("onnxruntime-genai", "onnxruntime", "numpy", "pandas", "jinja2")]
+    return [
+        _get_pinned_requirement(module) for module in ("onnxruntime-genai", "onnxruntime", "numpy", "pandas", "jinja2")
+    ]
 
 
 def get_default_conda_env() -> dict[str, Any]:

@@ -235,13 +235,15 @@ def load_backend(settings: ServerSettings) -> Backend:
     )
 
 
-def engine_config(settings: ServerSettings) -> dict[str, int]:
+def engine_config(settings: ServerSettings) -> dict[str, int | str]:
     """The scheduler limits, as load-time model config for the `onnx_genai` flavor's loader."""
     options = {
         "max_batch_size": settings.max_batch_size,
         "max_queue": settings.max_queue,
         "intra_op_threads": settings.intra_op_threads,
         "prefix_cache_bytes": None if settings.prefix_cache_mb is None else settings.prefix_cache_mb * 2**20,
+        "scheduler": settings.scheduler,
+        "prefill_chunk": settings.prefill_chunk,
     }
     return {key: value for key, value in options.items() if value is not None}
 

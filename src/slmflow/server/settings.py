@@ -21,7 +21,17 @@ class ServerSettings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, min_length=1, description="Require `Authorization: Bearer <key>` (all but /health)."
     )
-    max_batch_size: int = Field(8, ge=1, description="Requests generated together in one batch.")
+    max_batch_size: int = Field(
+        8, ge=1, description="Requests generated together (the continuous scheduler's KV slots)."
+    )
+    scheduler: Literal["auto", "continuous", "genai"] = Field(
+        "auto",
+        description="continuous: the decoder graph run directly, requests join between steps (CPU); "
+        "genai: ONNX Runtime GenAI Generators (GPU builds); auto: continuous where the model allows.",
+    )
+    prefill_chunk: int = Field(
+        512, ge=16, description="Prompt tokens read per step while other requests are decoding (continuous)."
+    )
     max_queue: int = Field(256, ge=1, description="Waiting requests; more are refused with 429.")
     intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime threads; default: every usable core.")
     prefix_cache_mb: int | None = Field(
