@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from slmflow.checkpoints.smol import smol_gguf
 from slmflow.cli import main
 from slmflow.server import ServerSettings
+from tests.conftest import engine_held
 from tests.server.conftest import LiveServer, serve
 
 NAME = "smol"
@@ -115,6 +116,10 @@ def test_a_build_over_its_quality_budget_fails_its_run_and_registers_nothing(smo
     assert not [a for a in MlflowClient().list_artifacts(failed.info.run_id) if a.path == "model"]
 
 
+def first_prompt_tokens(answers: dict[str, list]) -> int:
+    return answers["reusing"][0].usage.prompt_tokens
+
+
 def test_a_continuing_conversation_answers_as_without_prefix_reuse(smol_default: dict) -> None:
     from importlib.resources import files
 
@@ -127,6 +132,7 @@ def test_a_continuing_conversation_answers_as_without_prefix_reuse(smol_default:
     turns = [f"Here is a text:\n{text}\nWhat is it about?", *FACTS]
     greedy = SamplingParams(temperature=0.0, max_tokens=48)
     answers: dict[str, list] = {}
+    batched: dict[str, list] = {}
     for name, options in {"reusing": EngineOptions(), "fresh": EngineOptions(prefix_cache_bytes=0)}.items():
         engine = GenerationEngine(folder, options)
         try:
@@ -138,8 +144,18 @@ def test_a_continuing_conversation_answers_as_without_prefix_reuse(smol_default:
                 answers.setdefault(name, []).append(completion)
             if name == "reusing":
                 assert engine.stats.prefix_hits == len(turns) - 1
+            # Three questions about the same text at once: one batch, each reading only its question.
+            hits = engine.stats.prefix_hits
+            prompts = [engine.render_chat([{"role": "user", "content": turns[0] + " " + q}]) for q in FACTS]
+            with engine_held(engine):
+                streams = engine.submit_all([(p, greedy) for p in prompts])
+            batched[name] = [stream.result() for stream in streams]
+            if name == "reusing":
+                assert engine.stats.prefix_hits == hits + 3
+                assert all(c.usage.cached_tokens >= first_prompt_tokens(answers) - 8 for c in batched[name])
         finally:
             engine.close()
+    assert [c.token_ids for c in batched["reusing"]] == [c.token_ids for c in batched["fresh"]]
     assert [c.token_ids for c in answers["reusing"]] == [c.token_ids for c in answers["fresh"]]
     first, *later = answers["reusing"]
     assert first.usage.prompt_tokens >= 256  # long enough to be kept
