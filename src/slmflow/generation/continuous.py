@@ -23,6 +23,9 @@ from slmflow.generation.sampling import Sampler
 
 log = logging.getLogger(__name__)
 
+# At most this many token positions (rows x longest prompt) in one batched read of fresh prompts.
+FRESH_RUN_TOKENS = 2048
+
 
 class Row(Protocol):
     """What the engine's rows offer (engine._Row)."""
@@ -144,15 +147,15 @@ class ContinuousBatcher:
         decoding = any(live.next_token is not None for live in self._live)
         budget = self.prefill_chunk if decoding else None
         fresh = [live for live in reading if live.length == 0 and len(live.todo or ()) <= self.prefill_chunk]
-        if fresh and len(fresh) > 1:
-            fresh = self._fit(fresh, budget)
-            logits = self.decoder.prefill_fresh([f.slot for f in fresh], [f.todo or [] for f in fresh], self.pad)
-            for live, row_logits in zip(fresh, logits, strict=True):
+        while len(fresh) > 1 and len(group := self._fit(fresh, budget)) > 1:
+            logits = self.decoder.prefill_fresh([f.slot for f in group], [f.todo or [] for f in group], self.pad)
+            for live, row_logits in zip(group, logits, strict=True):
                 live.length, live.todo = len(live.todo or ()), None
                 self._sampled(live, row_logits)
             if budget is not None:
                 return
-            reading = [live for live in reading if live.todo]
+            fresh = fresh[len(group) :]
+        reading = [live for live in reading if live.todo]
         for live in reading:
             todo = live.todo or []
             chunk = todo[: self.prefill_chunk if budget is None else max(1, min(budget, self.prefill_chunk))]
@@ -167,13 +170,15 @@ class ContinuousBatcher:
                     return
 
     def _fit(self, fresh: list[_Live], budget: int | None) -> list[_Live]:
-        """The fresh prompts to read in one run: all of them, or within the budget while others decode."""
-        if budget is None:
-            return fresh
+        """The fresh prompts to read in one run: within the budget while others decode, and within
+        FRESH_RUN_TOKENS (rows x longest prompt) always: the graph returns logits for every position
+        (rows x width x vocabulary floats: 8 prompts of 1,200 tokens of SmolLM2 would be 1.9 GB)."""
         taken: list[_Live] = []
         total = 0
         for live in fresh:
-            if taken and total + len(live.todo or ()) > budget:
+            width = max(len(t.todo or ()) for t in [*taken, live])
+            over_budget = budget is not None and total + len(live.todo or ()) > budget
+            if taken and (over_budget or width * (len(taken) + 1) > FRESH_RUN_TOKENS):
                 break
             taken.append(live)
             total += len(live.todo or ())
