@@ -48,6 +48,7 @@ class _Live:
     length: int = 0  # tokens whose KV is in the slot
     todo: list[int] | None = None  # prompt tokens still to read
     next_token: int | None = None  # sampled, to be read by the next decode step
+    counted: bool = False  # its tokens are in stats.generated_tokens
 
     @property
     def prompt(self) -> list[int]:
@@ -217,16 +218,20 @@ class ContinuousBatcher:
 
     def _retire(self) -> None:
         """Free the slots of finished rows."""
-        if not any(live.row.finished for live in self._live):
-            return
+        for live in self._live:
+            if live.row.finished and not live.counted:  # cancelled or failed: ended without _ended
+                self.stats.generated_tokens += live.row.generated
+                live.counted = True
         self._live = [live for live in self._live if not live.row.finished]
         self.stats.running = len(self._live)
         if not self._live:
             self.decoder.shrink()
+        self.stats.kv_slots_bytes = self.decoder.nbytes
 
     def _ended(self, live: _Live) -> None:
         """A row ends well (stop or length): count its tokens, keep its prompt's KV."""
         self.stats.generated_tokens += live.row.generated
+        live.counted = True
         if self._keepable(live):
             prompt = live.prompt
             self.prefixes.put(prompt, self.decoder.read_slot(live.slot, len(prompt)))

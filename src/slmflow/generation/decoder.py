@@ -112,39 +112,46 @@ class Decoder:
         self.layout = layout
         self.slots = slots
         self.max_capacity = max_capacity
-        self.capacity = 0
+        self.rows = self.capacity = 0
         self._keys: list[Any] = []
         self._values: list[Any] = []
-        self._grow(min(CAPACITY_STEP, max_capacity))
+        self._resize(1, min(CAPACITY_STEP, max_capacity))
 
     # --- KV slots ------------------------------------------------------------------------------
 
     @property
     def nbytes(self) -> int:
-        return self.slots * self.capacity * self.layout.bytes_per_token
+        return self.rows * self.capacity * self.layout.bytes_per_token
 
-    def ensure_capacity(self, tokens: int) -> None:
-        """Room for `tokens` tokens in every slot (existing contents kept)."""
-        if tokens > self.capacity:
+    def ensure(self, slot: int, tokens: int) -> None:
+        """Room for slot `slot`, and for `tokens` tokens in every slot (contents kept). The buffer
+        holds the slots up to the highest one used, each as long as the longest row: a lone long
+        conversation costs one slot's worth, not max_batch_size slots'."""
+        rows, capacity = self.rows, self.capacity
+        if slot >= rows:
+            rows = min(self.slots, max(slot + 1, 2 * rows))
+        if tokens > capacity:
             # By half again at least: a growing conversation would otherwise copy every slot's KV
             # each CAPACITY_STEP tokens.
-            wanted = max(tokens, self.capacity * 3 // 2)
-            self._grow(min(-(-wanted // CAPACITY_STEP) * CAPACITY_STEP, max(self.max_capacity, tokens)))
+            wanted = max(tokens, capacity * 3 // 2)
+            capacity = min(-(-wanted // CAPACITY_STEP) * CAPACITY_STEP, max(self.max_capacity, tokens))
+        if (rows, capacity) != (self.rows, self.capacity):
+            self._resize(rows, capacity)
 
     def shrink(self) -> None:
         """Give back a grown buffer's memory (call when no slot holds anything)."""
-        if self.capacity > CAPACITY_STEP:
-            self._keys, self._values, self.capacity = [], [], 0
-            self._grow(CAPACITY_STEP)
+        if self.rows > 1 or self.capacity > CAPACITY_STEP:
+            self._keys, self._values, self.rows, self.capacity = [], [], 0, 0
+            self._resize(1, min(CAPACITY_STEP, self.max_capacity))
 
-    def _grow(self, capacity: int) -> None:
-        np, shape = self._np, (self.slots, self.layout.kv_heads, capacity, self.layout.head_size)
+    def _resize(self, rows: int, capacity: int) -> None:
+        np, shape = self._np, (rows, self.layout.kv_heads, capacity, self.layout.head_size)
         keys = [np.zeros(shape, np.float32) for _ in range(self.layout.layers)]
         values = [np.zeros(shape, np.float32) for _ in range(self.layout.layers)]
-        if self.capacity:
+        if self.rows:
             for old, new in zip(self._keys + self._values, keys + values, strict=True):
-                new[:, :, : self.capacity] = old
-        self._keys, self._values, self.capacity = keys, values, capacity
+                new[: self.rows, :, : self.capacity] = old
+        self._keys, self._values, self.rows, self.capacity = keys, values, rows, capacity
 
     def read_slot(self, slot: int, length: int) -> Any:
         """A copy of the first `length` tokens' KV in `slot`: [layers, 2, kv_heads, length, head_size]."""
@@ -158,7 +165,7 @@ class Decoder:
 
     def write_slot(self, slot: int, kv: Any, length: int) -> None:
         """Put the first `length` tokens of `kv` (as read_slot returns it) into `slot`."""
-        self.ensure_capacity(length)
+        self.ensure(slot, length)
         for layer, (k, v) in enumerate(zip(self._keys, self._values, strict=True)):
             k[slot, :, :length] = kv[layer, 0, :, :length]
             v[slot, :, :length] = kv[layer, 1, :, :length]
@@ -169,7 +176,7 @@ class Decoder:
         """Read first prompts (no past) together, put their KV in `slots`; each row's last logits."""
         np = self._np
         width = max(len(p) for p in prompts)
-        self.ensure_capacity(width)
+        self.ensure(max(slots), width)
         ids = np.full((len(prompts), width), pad, dtype=np.int64)
         mask = np.zeros((len(prompts), width), dtype=np.int64)
         for row, prompt in enumerate(prompts):
@@ -194,7 +201,7 @@ class Decoder:
         """Read `tokens` into `slot`, after the `past` tokens it holds; the last token's logits (or
         every token's, [len(tokens), vocab])."""
         np = self._np
-        self.ensure_capacity(past + len(tokens))
+        self.ensure(slot, past + len(tokens))
         ids = np.asarray([tokens], dtype=np.int64)
         mask = np.ones((1, past + len(tokens)), dtype=np.int64)
         wanted = list(range(len(tokens))) if all_logits else [len(tokens) - 1]
@@ -207,7 +214,7 @@ class Decoder:
         token whose KV lands just past what they hold, where their next write goes anyway."""
         np = self._np
         rows = max(tokens) + 1
-        self.ensure_capacity(max(lengths[:rows]) + 1)
+        self.ensure(rows - 1, max(lengths[:rows]) + 1)
         ids = np.full((rows, 1), pad, dtype=np.int64)
         for slot, token in tokens.items():
             ids[slot, 0] = token

@@ -732,6 +732,7 @@ class EngineStats:
     prefix_misses: int = 0
     prefix_cached_tokens: int = 0
     prefix_cache_bytes: int = 0
+    kv_slots_bytes: int = 0  # the continuous scheduler's KV buffer
     # Requests by how they ended: stop, length, cancelled (by their caller, queued or running), error.
     finished: Counter[str] = field(default_factory=Counter)
 

@@ -70,12 +70,12 @@ class _EngineCollector(Collector):
         )
         yield CounterMetricFamily(
             "slmflow_prefix_cache_hits",
-            "Lone requests that found their prompt's start already read",
+            "Requests that found their prompt's start already read (its KV kept)",
             value=stats.prefix_hits,
         )
         yield CounterMetricFamily(
             "slmflow_prefix_cache_misses",
-            "Lone requests that could have, but found no kept prefix",
+            "Requests with a prompt long enough to share, that found no kept prefix",
             value=stats.prefix_misses,
         )
         yield CounterMetricFamily(
@@ -85,6 +85,11 @@ class _EngineCollector(Collector):
         )
         yield GaugeMetricFamily(
             "slmflow_prefix_cache_bytes", "KV cache bytes kept for prefix reuse", value=stats.prefix_cache_bytes
+        )
+        yield GaugeMetricFamily(
+            "slmflow_kv_slots_bytes",
+            "KV buffer of the running requests (continuous scheduler): slots in use x the longest row",
+            value=stats.kv_slots_bytes,
         )
         finished = CounterMetricFamily(
             "slmflow_finished_requests",

@@ -1,0 +1,226 @@
+"""slmflow's generation engine against OpenVINO GenAI on the same CPU, the same model, the same tokens.
+
+    .venv/bin/python benchmarks/openvino_bench.py [--rounds 3] [--precision int8]
+
+SmolLM2-135M-Instruct, converted twice from the same checkpoint: by `slmflow package`'s converter
+(ONNX Runtime GenAI builder) and by Optimum Intel (`optimum-cli export openvino`, weights int8).
+OpenVINO GenAI runs in its own environment (benchmarks/.venv-openvino, made on first use with pinned
+versions) so it never enters slmflow's dependencies; `openvino_peer.py` is its side. Both run in
+process, greedy, forced output lengths, prefix caching off, on the same token ids, the two taking
+turns round by round (medians of the rounds):
+
+- decode: one stream, 128 new tokens after a 42-token prompt (tokens after the first / their time);
+- prefill: a 512-token prompt, its length / the time to its first token;
+- aggregate: 8 and 16 prompts of ~100 tokens sent at once, 64 new tokens each;
+- TTFT of the 42-token prompt alone;
+- quality: perplexity of the built-in reference text (what `slmflow package` measures), each on its
+  own weights.
+
+Writes benchmarks/results/openvino-smol.{md,json}. Run it on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "src"))
+sys.path.insert(0, str(HERE))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+OPENVINO_ENV = HERE / ".venv-openvino"
+# What the peer environment installs: torch from the machine's CPU build, the rest pinned.
+OPENVINO_PACKAGES = [
+    "torch==2.13.0",
+    "openvino==2026.4.1",
+    "openvino-genai==2026.4.1.0",
+    "openvino-tokenizers==2026.4.1.0",
+    "optimum-intel[openvino]==2.2.0",
+]
+DECODE_TOKENS = 128
+BATCH_TOKENS = 64
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--precision", default="int8")
+    parser.add_argument("--max-batch-size", type=int, default=16)
+    parser.add_argument("--out", default=str(HERE / "results"))
+    args = parser.parse_args()
+
+    from multiturn_bench import model_folder
+
+    from slmflow.checkpoints.smol import build_smol
+    from slmflow.generation.engine import EngineOptions, GenerationEngine
+    from slmflow.paths import slmflow_home
+
+    ours_folder = model_folder("smol", args.precision)
+    checkpoint = build_smol()
+    python = openvino_env()
+    theirs_folder = slmflow_home() / "bench-models" / f"openvino-{checkpoint.name}-int8"
+    if not (theirs_folder / "openvino_model.xml").is_file():
+        export = [str(python.parent / "optimum-cli"), "export", "openvino", "--model", str(checkpoint)]
+        export += ["--task", "text-generation-with-past", "--weight-format", "int8", str(theirs_folder)]
+        subprocess.run(export, check=True)
+
+    threads = len(os.sched_getaffinity(0))
+    engine = GenerationEngine(ours_folder, EngineOptions(max_batch_size=args.max_batch_size))
+    try:
+        request = token_ids(engine)
+        ours_quality = math.exp(-statistics.fmean(engine.score(request["reference"]).logprobs))
+        ours_rounds, theirs_rounds = [], []
+        measure_ours(engine, request)  # warm-up
+        for _ in range(args.rounds):
+            theirs_rounds.append(measure_theirs(python, theirs_folder, {**request, "threads": threads}))
+            ours_rounds.append(measure_ours(engine, request))
+        theirs_quality = measure_theirs(python, theirs_folder, {**request, "threads": threads, "reference_only": True})
+    finally:
+        engine.close()
+    report = {
+        "machine": f"{platform.machine()}, {threads} cores",
+        "model": f"SmolLM2-135M-Instruct; slmflow {args.precision} (ONNX Runtime GenAI builder), OpenVINO int8 "
+        "(Optimum Intel, int8_asym per channel)",
+        "rounds": args.rounds,
+        "slmflow": summarize(ours_rounds) | {"perplexity": ours_quality},
+        "openvino": summarize(theirs_rounds) | {"perplexity": theirs_quality["perplexity"]},
+    }
+    write(report, Path(args.out))
+
+
+def openvino_env() -> Path:
+    """The peer environment's python, made on first use."""
+    python = OPENVINO_ENV / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(OPENVINO_ENV)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *OPENVINO_PACKAGES], check=True)
+    return python
+
+
+def token_ids(engine: Any) -> dict[str, Any]:
+    """The prompts both engines get, as token ids of our tokenizer (the same vocabulary)."""
+    from importlib.resources import files
+
+    text = files("slmflow.data").joinpath("reference.txt").read_text()
+    words = text.split()
+    short = engine.encode(engine.render_chat([{"role": "user", "content": "What is the capital of France?"}]))
+    while len(short) < 42:
+        short = engine.encode(engine.render_chat([{"role": "user", "content": " ".join(words[: len(short)])}]))
+    long = (engine.encode(text) * 2)[:512]
+    batch = []
+    for i in range(16):
+        prompt = engine.encode(engine.render_chat([{"role": "user", "content": " ".join(words[i * 60 : i * 60 + 70])}]))
+        batch.append(prompt[:100])
+    reference = engine.encode(text)
+    return {
+        "short": short[:42],
+        "long": long,
+        "batch": batch,
+        "reference": reference,
+        "decode_tokens": DECODE_TOKENS,
+        "batch_tokens": BATCH_TOKENS,
+    }
+
+
+def measure_ours(engine: Any, request: dict[str, Any]) -> dict[str, Any]:
+    from slmflow.generation.params import SamplingParams
+
+    def forced(n: int) -> SamplingParams:
+        return SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n)
+
+    def timed(ids: list[int], n: int) -> tuple[float, float, int]:
+        first: list[float] = []
+        started = time.perf_counter()
+        stream = engine.submit(ids, forced(n))
+        stream.listen(lambda: first.append(time.perf_counter()) if not first else None)
+        completion = stream.result()
+        return first[0] - started, time.perf_counter() - started, completion.usage.completion_tokens
+
+    ttft, total, tokens = timed(request["short"], request["decode_tokens"])
+    prefill_ttft, _, _ = timed(request["long"], 1)
+    aggregate = {}
+    for n in (8, 16):
+        started = time.perf_counter()
+        streams = engine.submit_all([(ids, forced(request["batch_tokens"])) for ids in request["batch"][:n]])
+        generated = sum(s.result().usage.completion_tokens for s in streams)
+        aggregate[str(n)] = generated / (time.perf_counter() - started)
+    return {
+        "decode_tok_s": (tokens - 1) / (total - ttft),
+        "ttft_short_s": ttft,
+        "prefill_tok_s": len(request["long"]) / prefill_ttft,
+        "aggregate_tok_s": aggregate,
+    }
+
+
+def measure_theirs(python: Path, folder: Path, request: dict[str, Any]) -> dict[str, Any]:
+    if request.get("reference_only"):
+        request = {**request, "only_perplexity": True}
+    elif "reference" in request:
+        request = {key: value for key, value in request.items() if key != "reference"}
+    run = subprocess.run(
+        [str(python), str(HERE / "openvino_peer.py"), str(folder)],
+        input=json.dumps(request),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    print(json.dumps({"openvino": result}), flush=True)
+    return result
+
+
+def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    def median(key: str, sub: str | None = None) -> float:
+        return statistics.median(r[key][sub] if sub else r[key] for r in rounds)
+
+    return {
+        "decode_tok_s": median("decode_tok_s"),
+        "prefill_tok_s": median("prefill_tok_s"),
+        "aggregate_8_tok_s": median("aggregate_tok_s", "8"),
+        "aggregate_16_tok_s": median("aggregate_tok_s", "16"),
+        "ttft_short_s": median("ttft_short_s"),
+        "rounds": rounds,
+    }
+
+
+def write(report: dict[str, Any], out: Path) -> None:
+    ours, theirs = report["slmflow"], report["openvino"]
+    rows = [
+        ("decode, 1 stream (tok/s)", "decode_tok_s", "{:.0f}", True),
+        ("prefill, 512-token prompt (tok/s)", "prefill_tok_s", "{:.0f}", True),
+        ("8 prompts at once, aggregate (tok/s)", "aggregate_8_tok_s", "{:.0f}", True),
+        ("16 prompts at once, aggregate (tok/s)", "aggregate_16_tok_s", "{:.0f}", True),
+        ("TTFT, 42-token prompt (ms)", "ttft_short_s", "{:.0f}", False),
+        ("perplexity of the reference text", "perplexity", "{:.3f}", False),
+    ]
+    lines = [
+        f"Machine: {report['machine']}; model: {report['model']}; in process, greedy, forced lengths, "
+        f"prefix caching off; medians of {report['rounds']} alternated rounds.",
+        "",
+        "| measure | slmflow | OpenVINO GenAI | slmflow / OpenVINO |",
+        "|---|---|---|---|",
+    ]
+    for label, key, fmt, higher_is_better in rows:
+        scale = 1000 if key == "ttft_short_s" else 1
+        a, b = ours[key] * scale, theirs[key] * scale
+        lines.append(
+            f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {a / b:.2f}x{'' if higher_is_better else ' (lower is better)'} |"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "openvino-smol.md").write_text("\n".join(lines) + "\n")
+    (out / "openvino-smol.json").write_text(json.dumps(report, indent=2) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The direct decoder (generation/decoder.py) on the tiny fixture: KV slots, batched decoding of rows
+at different lengths, logits of the positions wanted, and the graphs it leaves to ONNX Runtime GenAI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slmflow.generation.decoder import Decoder, UnsupportedGraph, layout_of
+
+
+@pytest.fixture(scope="module")
+def decoder(onnx_int4: Path) -> Decoder:
+    config = json.loads((onnx_int4 / "genai_config.json").read_text())
+    layout, model_file = layout_of(config, onnx_int4)
+    return Decoder(model_file, layout, slots=4, threads=1, max_capacity=int(config["model"]["context_length"]))
+
+
+PROMPTS = [[1, 5, 9, 12, 40, 41, 42], [1, 7, 3], [1, 8, 8, 8, 8, 20, 21, 22, 23, 24, 25]]
+
+
+def greedy_alone(decoder: Decoder, prompt: list[int], steps: int) -> list[int]:
+    token = int(np.argmax(decoder.extend(0, 0, prompt)))
+    tokens = [token]
+    for step in range(steps - 1):
+        token = int(np.argmax(decoder.decode({0: token}, [len(prompt) + step, 0, 0, 0], pad=0)[0]))
+        tokens.append(token)
+    return tokens
+
+
+def test_rows_at_different_lengths_decode_together_as_alone(decoder: Decoder) -> None:
+    alone = [greedy_alone(decoder, prompt, 12) for prompt in PROMPTS]
+    # Slots 0 and 2 read first prompts together; slot 1 reads its prompt alone (a prompt after a
+    # past would be read this way): all three then decode in one batch.
+    logits = decoder.prefill_fresh([0, 2], [PROMPTS[0], PROMPTS[2]], pad=0)
+    tokens = {0: int(np.argmax(logits[0])), 2: int(np.argmax(logits[1]))}
+    tokens[1] = int(np.argmax(decoder.extend(1, 0, PROMPTS[1])))
+    together: dict[int, list[int]] = {slot: [token] for slot, token in tokens.items()}
+    lengths = [len(PROMPTS[0]), len(PROMPTS[1]), len(PROMPTS[2]), 0]
+    for _ in range(11):
+        step = decoder.decode(tokens, lengths, pad=0)
+        for slot in tokens:
+            lengths[slot] += 1
+            tokens[slot] = int(np.argmax(step[slot]))
+            together[slot].append(tokens[slot])
+    assert [together[0], together[1], together[2]] == alone
+
+
+def test_a_kept_prefix_copied_into_another_slot_continues_as_the_original(decoder: Decoder) -> None:
+    prompt = PROMPTS[2]
+    whole = decoder.extend(0, 0, prompt)
+    decoder.extend(3, 0, prompt[:6])
+    kept = decoder.read_slot(3, 6)
+    decoder.write_slot(1, kept, 6)
+    rest = decoder.extend(1, 6, prompt[6:])
+    assert int(np.argmax(rest)) == int(np.argmax(whole))
+    np.testing.assert_allclose(rest, whole, atol=1e-3)
+
+
+def test_logits_of_every_position_equal_the_chunked_scoring_logits(decoder: Decoder) -> None:
+    prompt = PROMPTS[0] + PROMPTS[2]
+    every = decoder.extend(0, 0, prompt, all_logits=True)
+    chunked = np.concatenate(list(decoder.logits_in_chunks(prompt, chunk=5)))
+    assert decoder.selects_positions and every.shape == chunked.shape == (len(prompt), decoder.layout.vocab_size)
+    np.testing.assert_allclose(every, chunked, atol=1e-3)
+    np.testing.assert_allclose(every[-1], decoder.extend(0, 0, prompt), atol=1e-5)
+
+
+def test_the_buffer_holds_the_slots_in_use_and_shrinks_when_idle(decoder: Decoder) -> None:
+    decoder.shrink()
+    one_slot = decoder.nbytes
+    assert decoder.rows == 1
+    decoder.extend(0, 0, [1] * 300)  # longer than a capacity step: only slot 0 grows
+    assert decoder.rows == 1 and decoder.capacity >= 300
+    decoder.extend(3, 0, PROMPTS[0])
+    assert decoder.rows == 4
+    decoder.shrink()
+    assert decoder.rows == 1 and decoder.nbytes == one_slot
+
+
+def test_gpu_builds_and_unknown_inputs_are_left_to_onnx_runtime_genai(onnx_int4: Path) -> None:
+    config = json.loads((onnx_int4 / "genai_config.json").read_text())
+    cuda = json.loads(json.dumps(config))
+    cuda["model"]["decoder"]["session_options"]["provider_options"] = [{"cuda": {}}]
+    with pytest.raises(UnsupportedGraph):
+        layout_of(cuda, onnx_int4)
+    extra = json.loads(json.dumps(config))
+    extra["model"]["decoder"]["inputs"]["position_ids"] = "position_ids"
+    with pytest.raises(UnsupportedGraph):
+        layout_of(extra, onnx_int4)
