@@ -60,7 +60,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from multiturn_bench import model_folder
-
     from slmflow.checkpoints.smol import build_smol
     from slmflow.generation.engine import EngineOptions, GenerationEngine
     from slmflow.paths import slmflow_home
