@@ -182,17 +182,20 @@ def memory_32(folder: Path, document: str, followups: list[str], budget_mb: int)
     return result
 
 
-def model_folder(size: str, precision: str) -> Path:
-    """The fixture converted at `precision`, cached under SLMFLOW_HOME."""
+def model_folder(size: str, precision: str, block_size: int | None = None) -> Path:
+    """The fixture converted at `precision` (and int4/int8 `block_size`, else the default recipe),
+    cached under SLMFLOW_HOME."""
     from slmflow import convert
     from slmflow.checkpoints.fixture import build_fixture
     from slmflow.checkpoints.smol import build_smol
     from slmflow.paths import slmflow_home
 
     checkpoint = build_smol() if size == "smol" else build_fixture("bench")
-    folder = slmflow_home() / "bench-models" / f"{checkpoint.name}-{precision}"
+    quantization = convert.Quantization(block_size=block_size) if block_size else None
+    suffix = f"-b{block_size}" if block_size else ""
+    folder = slmflow_home() / "bench-models" / f"{checkpoint.name}-{precision}{suffix}"
     if not (folder / "genai_config.json").is_file():
-        convert.convert(checkpoint, folder, precision=precision)
+        convert.convert(checkpoint, folder, precision=precision, quantization=quantization)
     return folder
 
 

@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/openvino_bench.py [--rounds 3] [--precision int8]
 
-SmolLM2-135M-Instruct, converted twice from the same checkpoint: by `slmflow package`'s converter
-(ONNX Runtime GenAI builder) and by Optimum Intel (`optimum-cli export openvino`, weights int8).
+SmolLM2-135M-Instruct, converted from the same checkpoint by `slmflow package`'s converter (ONNX
+Runtime GenAI builder: the default int8 recipe, block 32, and int8 with block 128) and by Optimum
+Intel (`optimum-cli export openvino`, weights int8, per channel).
 OpenVINO GenAI runs in its own environment (benchmarks/.venv-openvino, made on first use with pinned
 versions) so it never enters slmflow's dependencies; `openvino_peer.py` is its side. Both run in
 process, greedy, forced output lengths, prefix caching off, on the same token ids, the two taking
@@ -64,7 +65,10 @@ def main() -> None:
     from slmflow.generation.engine import EngineOptions, GenerationEngine
     from slmflow.paths import slmflow_home
 
-    ours_folder = model_folder("smol", args.precision)
+    ours_folders = {
+        f"slmflow {args.precision}": model_folder("smol", args.precision),
+        f"slmflow {args.precision} block 128": model_folder("smol", args.precision, block_size=128),
+    }
     checkpoint = build_smol()
     python = openvino_env()
     theirs_folder = slmflow_home() / "bench-models" / f"openvino-{checkpoint.name}-int8"
@@ -74,25 +78,35 @@ def main() -> None:
         subprocess.run(export, check=True)
 
     threads = len(os.sched_getaffinity(0))
-    engine = GenerationEngine(ours_folder, EngineOptions(max_batch_size=args.max_batch_size))
+    # Prefix reuse off: every round sends the same prompts, and the figures are of fresh prompts.
+    options = EngineOptions(max_batch_size=args.max_batch_size, prefix_cache_bytes=0)
+    engines = {name: GenerationEngine(folder, options) for name, folder in ours_folders.items()}
+    systems: dict[str, dict[str, Any]] = {}
     try:
-        request = token_ids(engine)
-        ours_quality = math.exp(-statistics.fmean(engine.score(request["reference"]).logprobs))
-        ours_rounds, theirs_rounds = [], []
-        measure_ours(engine, request)  # warm-up
+        request = token_ids(next(iter(engines.values())))
+        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in [*engines, "OpenVINO GenAI int8"]}
+        for engine in engines.values():
+            measure_ours(engine, request)  # warm-up
         for _ in range(args.rounds):
-            theirs_rounds.append(measure_theirs(python, theirs_folder, {**request, "threads": threads}))
-            ours_rounds.append(measure_ours(engine, request))
-        theirs_quality = measure_theirs(python, theirs_folder, {**request, "threads": threads, "reference_only": True})
+            peer = {**request, "threads": threads}
+            rounds["OpenVINO GenAI int8"].append(measure_theirs(python, theirs_folder, peer))
+            for name, engine in engines.items():
+                rounds[name].append(measure_ours(engine, request))
+        for name, engine in engines.items():
+            perplexity = math.exp(-statistics.fmean(engine.score(request["reference"]).logprobs))
+            systems[name] = summarize(rounds[name]) | {"perplexity": perplexity}
+        peer = {**request, "threads": threads, "reference_only": True}
+        perplexity = measure_theirs(python, theirs_folder, peer)["perplexity"]
+        systems["OpenVINO GenAI int8"] = summarize(rounds["OpenVINO GenAI int8"]) | {"perplexity": perplexity}
     finally:
-        engine.close()
+        for engine in engines.values():
+            engine.close()
     report = {
         "machine": f"{platform.machine()}, {threads} cores",
-        "model": f"SmolLM2-135M-Instruct; slmflow {args.precision} (ONNX Runtime GenAI builder), OpenVINO int8 "
-        "(Optimum Intel, int8_asym per channel)",
+        "model": "SmolLM2-135M-Instruct (float32 source perplexity: see benchmarks/results/quantization.md)",
         "rounds": args.rounds,
-        "slmflow": summarize(ours_rounds) | {"perplexity": ours_quality},
-        "openvino": summarize(theirs_rounds) | {"perplexity": theirs_quality["perplexity"]},
+        "max_batch_size": args.max_batch_size,
+        "systems": systems,
     }
     write(report, Path(args.out))
 
@@ -103,6 +117,9 @@ def openvino_env() -> Path:
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(OPENVINO_ENV)], check=True)
         subprocess.run([str(python), "-m", "pip", "install", "-q", *OPENVINO_PACKAGES], check=True)
+        # Pulled in by Optimum; PyPI's torchvision fails to import beside the machine's torch build,
+        # and nothing here needs it.
+        subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", "torchvision"], check=True)
     return python
 
 
@@ -193,28 +210,32 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write(report: dict[str, Any], out: Path) -> None:
-    ours, theirs = report["slmflow"], report["openvino"]
+    systems = report["systems"]
+    peer = systems["OpenVINO GenAI int8"]
     rows = [
-        ("decode, 1 stream (tok/s)", "decode_tok_s", "{:.0f}", True),
-        ("prefill, 512-token prompt (tok/s)", "prefill_tok_s", "{:.0f}", True),
-        ("8 prompts at once, aggregate (tok/s)", "aggregate_8_tok_s", "{:.0f}", True),
-        ("16 prompts at once, aggregate (tok/s)", "aggregate_16_tok_s", "{:.0f}", True),
-        ("TTFT, 42-token prompt (ms)", "ttft_short_s", "{:.0f}", False),
-        ("perplexity of the reference text", "perplexity", "{:.3f}", False),
+        ("decode, 1 stream (tok/s)", "decode_tok_s", "{:.0f}", 1),
+        ("prefill, 512-token prompt (tok/s)", "prefill_tok_s", "{:.0f}", 1),
+        ("8 prompts at once, aggregate (tok/s)", "aggregate_8_tok_s", "{:.0f}", 1),
+        ("16 prompts at once, aggregate (tok/s)", "aggregate_16_tok_s", "{:.0f}", 1),
+        ("TTFT, 42-token prompt (ms)", "ttft_short_s", "{:.0f}", 1000),
+        ("perplexity of the reference text", "perplexity", "{:.3f}", 1),
     ]
+    names = list(systems)
     lines = [
         f"Machine: {report['machine']}; model: {report['model']}; in process, greedy, forced lengths, "
-        f"prefix caching off; medians of {report['rounds']} alternated rounds.",
+        f"prefix caching off, slmflow at max_batch_size {report['max_batch_size']}; medians of "
+        f"{report['rounds']} alternated rounds. Ratios: slmflow / OpenVINO (TTFT and perplexity: lower is better).",
         "",
-        "| measure | slmflow | OpenVINO GenAI | slmflow / OpenVINO |",
-        "|---|---|---|---|",
+        "| measure | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
     ]
-    for label, key, fmt, higher_is_better in rows:
-        scale = 1000 if key == "ttft_short_s" else 1
-        a, b = ours[key] * scale, theirs[key] * scale
-        lines.append(
-            f"| {label} | {fmt.format(a)} | {fmt.format(b)} | {a / b:.2f}x{'' if higher_is_better else ' (lower is better)'} |"
-        )
+    for label, key, fmt, scale in rows:
+        cells = []
+        for name in names:
+            value = systems[name][key] * scale
+            ratio = "" if name == "OpenVINO GenAI int8" else f" ({systems[name][key] / peer[key]:.2f}x)"
+            cells.append(fmt.format(value) + ratio)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "openvino-smol.md").write_text("\n".join(lines) + "\n")
     (out / "openvino-smol.json").write_text(json.dumps(report, indent=2) + "\n")

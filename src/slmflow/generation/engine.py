@@ -48,8 +48,10 @@ class EngineOptions:
     max_queue: int = 256  # waiting requests; more are refused with Overloaded
     intra_op_threads: int | None = None  # None: every core this process may use
     # A new batch waits while requests keep arriving (each within batch_wait_s of the previous one),
-    # for at most max_batch_wait_s: clients that send together share one batch.
-    batch_wait_s: float = 0.005
+    # for at most max_batch_wait_s: clients that send together share one batch. None: 5 ms for the
+    # genai scheduler (a latecomer costs a restart there), 0 for the continuous one (a latecomer
+    # joins at the next step; waiting would only add to every lone request's time to first token).
+    batch_wait_s: float | None = None
     max_batch_wait_s: float = 0.1
     # genai scheduler: a running batch takes alike requests that arrive during its first join_steps
     # steps, when at least as many can join as are running: it restarts with its rows' text so far
@@ -368,6 +370,8 @@ class GenerationEngine:
         # Measured: the default thread pool halves int4 decode speed on small machines.
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
         self._og, self._genai_config = og, config
+        wait = self.options.batch_wait_s
+        self._batch_wait_s = 0.005 if wait is None else wait
         self._tokenizer = og.Tokenizer(config)
         self._tokenizer_lock = threading.Lock()
         if self.options.scheduler not in ("auto", "continuous", "genai"):
@@ -381,6 +385,7 @@ class GenerationEngine:
                     raise SlmflowError(f"the continuous scheduler cannot run this model: {e}") from None
                 log.info("%s runs on ONNX Runtime GenAI Generators: %s", self.model_dir, e)
             else:
+                self._batch_wait_s = self.options.batch_wait_s or 0.0
                 self._batcher = ContinuousBatcher(
                     decoder,
                     PrefixCache(self.options.prefix_cache_bytes, layout.bytes_per_token),
@@ -493,8 +498,10 @@ class GenerationEngine:
         now = time.monotonic()
         last_arrival, give_up = now, now + self.options.max_batch_wait_s
         waiting = len(self._pending)
+        if not self._batch_wait_s:
+            return
         while waiting < self.options.max_batch_size and not self._closed:
-            remaining = min(last_arrival + self.options.batch_wait_s, give_up) - time.monotonic()
+            remaining = min(last_arrival + self._batch_wait_s, give_up) - time.monotonic()
             if remaining <= 0:
                 return
             self._wakeup.wait(remaining)
