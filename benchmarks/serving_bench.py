@@ -2,6 +2,7 @@
 
 Systems, all on the same ONNX int4 weights (the transformers route on the same weights in fp32):
   ceiling            raw ONNX Runtime GenAI in-process: Generator loop (1 stream), batched Generator (N)
+  engine             slmflow's generation engine in-process (what `slmflow serve` runs, without HTTP)
   slmflow-serve      `slmflow serve`, OpenAI API over HTTP, streaming
   tutorial-mlflow    the tutorial's wrapper (benchmarks/tutorial_model.py) under `mlflow models serve`
   flavor-mlflow      our onnx_genai flavor under `mlflow models serve`
@@ -165,6 +166,43 @@ class Ceiling:
 
     def close(self) -> None:
         del self.model
+
+
+class Engine:
+    """slmflow's generation engine in process, the requests submitted together."""
+
+    name = "engine"
+
+    def __init__(self, onnx_dir: Path, tokens: int) -> None:
+        from slmflow.generation.engine import EngineOptions, GenerationEngine
+        from slmflow.generation.params import SamplingParams
+
+        # As `slmflow serve` runs it here: 16 slots; prefix reuse off, since every request is the
+        # same prompt and the figures are of fresh prompts.
+        self.engine = GenerationEngine(onnx_dir, EngineOptions(max_batch_size=16, prefix_cache_bytes=0))
+        self.prompt = self.engine.encode(chat_prompt(onnx_dir))
+        self.params = SamplingParams(temperature=0.0, max_tokens=tokens, min_tokens=tokens)
+
+    def run(self, concurrency: int) -> tuple[float, list[Timing]]:
+        start = time.perf_counter()
+        streams = self.engine.submit_all([(self.prompt, self.params)] * concurrency)
+        times: list[list[float]] = [[] for _ in streams]
+        for stream, arrivals in zip(streams, times, strict=True):
+            stream.listen(lambda arrivals=arrivals: arrivals.append(time.perf_counter()))
+        completions = [stream.result() for stream in streams]
+        end = time.perf_counter()
+        timings = [
+            Timing(start, arrivals, c.usage.completion_tokens) for arrivals, c in zip(times, completions, strict=True)
+        ]
+        return end - start, timings
+
+    def rss_mb(self) -> float:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 class HttpSystem:
@@ -358,6 +396,7 @@ def systems(models: dict[str, Path], tokens: int, only: set[str]) -> Iterator[Ca
     serve += ["--max-batch-size", "16"]
     factories: dict[str, Callable[[], System]] = {
         "ceiling": lambda: Ceiling(models["onnx"], tokens),
+        "engine": lambda: Engine(models["onnx"], tokens),
         "slmflow-serve": lambda: HttpSystem(
             "slmflow-serve", [*serve, "--traces", "false", "--metrics-interval", "0"], stream_chat(tokens), "/health"
         ),
@@ -449,7 +488,7 @@ def add_ratios(points: list[Point]) -> None:
     round, seconds apart, so a slow spell of the machine cancels out."""
     by = {(p.system, p.concurrency): p for p in points}
     for point in points:
-        for reference in ("ceiling", "tutorial-mlflow", "slmflow-serve"):
+        for reference in ("ceiling", "engine", "tutorial-mlflow", "slmflow-serve"):
             base = by.get((reference, point.concurrency))
             if base and all(base.rounds):
                 pairs = [mine / theirs for mine, theirs in zip(point.rounds, base.rounds, strict=True)]
@@ -462,8 +501,8 @@ def markdown(points: list[Point], machine: dict, bandwidth: dict) -> str:
         f"{machine['tokens']} new tokens per request; medians of {machine['repetitions']} repetitions, the systems "
         "taking turns in each; ratios are medians of the per-repetition ratios.",
         "",
-        "| system | clients | tokens/s | TTFT p50 (s) | TTFT p95 (s) | ITL p50 (ms) | ITL p95 (ms) | TPOT p50 (ms) | peak RSS (MB) | vs ceiling | vs tutorial |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| system | clients | tokens/s | TTFT p50 (s) | TTFT p95 (s) | ITL p50 (ms) | ITL p95 (ms) | TPOT p50 (ms) | peak RSS (MB) | vs ceiling | vs engine | vs tutorial |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
         itl50 = f"{p.itl_p50 * 1000:.1f}" if p.itl_p50 is not None else "n/a"
@@ -475,7 +514,8 @@ def markdown(points: list[Point], machine: dict, bandwidth: dict) -> str:
 
         lines.append(
             f"| {p.system} | {p.concurrency} | {p.tokens_per_s:.1f} | {p.ttft_p50:.3f} | {p.ttft_p95:.3f} | "
-            f"{itl50} | {itl95} | {tpot} | {p.peak_rss_mb:.0f} | {ratio('vs ceiling')} | {ratio('vs tutorial-mlflow')} |"
+            f"{itl50} | {itl95} | {tpot} | {p.peak_rss_mb:.0f} | {ratio('vs ceiling')} | {ratio('vs engine')} | "
+            f"{ratio('vs tutorial-mlflow')} |"
         )
     lines += [
         "",

@@ -11,7 +11,7 @@ from pathlib import Path
 import mlflow
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "serving_bench.py"
-SYSTEMS = ["ceiling", "slmflow-serve", "tutorial-mlflow", "flavor-mlflow"]
+SYSTEMS = ["ceiling", "engine", "slmflow-serve", "tutorial-mlflow", "flavor-mlflow"]
 
 
 def load_harness():
@@ -30,6 +30,7 @@ def test_quick_run_reports_every_system_and_level(tiny_checkpoint: Path, tmp_pat
         assert point["tokens_per_s"] > 0 and 0 < point["ttft_p50"] <= point["ttft_p95"]
         assert point["peak_rss_mb"] > 0
         assert point["ratios"]["vs ceiling"] > 0 and point["ratios"]["vs tutorial-mlflow"] > 0
+        assert point["ratios"]["vs engine"] > 0
     for point in points:
         # Inter-chunk gaps exist only when an answer arrives in more than one piece, which on a fast
         # machine a whole 64-token answer may not (the server sends what piled up as one chunk).
