@@ -11,9 +11,8 @@ newcomer whose prompt starts the same way gets that KV copied into its slot and 
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -33,7 +32,6 @@ class Row(Protocol):
     finished: bool
     cached_tokens: int
     request: Any
-    before_done: Callable[[], None] | None
 
     @property
     def generated(self) -> int: ...
@@ -48,7 +46,6 @@ class _Live:
     length: int = 0  # tokens whose KV is in the slot
     todo: list[int] | None = None  # prompt tokens still to read
     next_token: int | None = None  # sampled, to be read by the next decode step
-    counted: bool = False  # its tokens are in stats.generated_tokens
 
     @property
     def prompt(self) -> list[int]:
@@ -93,7 +90,6 @@ class ContinuousBatcher:
         for row in rows:
             live = _Live(row, next(free), Sampler(row.request.params, self.eos))
             live.todo = list(live.prompt)
-            row.before_done = functools.partial(self._ended, live)
             self._reuse(live)
             self._live.append(live)
         self.stats.running = len(self._live)
@@ -195,18 +191,20 @@ class ContinuousBatcher:
         for live in self._live:
             lengths[live.slot] = live.length
         logits = self.decoder.decode({live.slot: live.next_token or 0 for live in decoding}, lengths, self.pad)
+        best = logits.argmax(axis=1)  # one pass for every greedy row
         for live in decoding:
             live.length += 1
             live.next_token = None
-            self._sampled(live, logits[live.slot])
+            self._sampled(live, logits[live.slot], int(best[live.slot]))
 
-    def _sampled(self, live: _Live, logits: Any) -> None:
+    def _sampled(self, live: _Live, logits: Any, argmax: int | None = None) -> None:
         """Choose the row's next token from `logits` and hand it to the row."""
         row = live.row
         if row.request.cancelled.is_set():
             row.step(0, self.eos)  # a cancelled row drops itself
             return
-        token = live.sampler.pick(logits, row.generated)
+        token = live.sampler.pick(logits, row.generated, argmax)
+        self.stats.generated_tokens += 1  # counted before the row can end, and its caller read the count
         row.step(token, self.eos)
         if not row.finished:
             live.next_token = token
@@ -219,9 +217,8 @@ class ContinuousBatcher:
     def _retire(self) -> None:
         """Free the slots of finished rows."""
         for live in self._live:
-            if live.row.finished and not live.counted:  # cancelled or failed: ended without _ended
-                self.stats.generated_tokens += live.row.generated
-                live.counted = True
+            if live.row.finished:
+                self._ended(live)
         self._live = [live for live in self._live if not live.row.finished]
         self.stats.running = len(self._live)
         if not self._live:
@@ -229,9 +226,8 @@ class ContinuousBatcher:
         self.stats.kv_slots_bytes = self.decoder.nbytes
 
     def _ended(self, live: _Live) -> None:
-        """A row ends well (stop or length): count its tokens, keep its prompt's KV."""
-        self.stats.generated_tokens += live.row.generated
-        live.counted = True
+        """A row ended: if it ended well, keep its prompt's KV. After its caller has its answer (the
+        copy is not in its way), before anything else is admitted."""
         if self._keepable(live):
             prompt = live.prompt
             self.prefixes.put(prompt, self.decoder.read_slot(live.slot, len(prompt)))

@@ -611,9 +611,6 @@ class _Row:
         self.text: list[str] = []
         self.finished = False
         self.cached_tokens = 0  # of its prompt, found already read (prefix reuse)
-        # Called as the row ends well, before its caller hears it: what the row leaves behind (a
-        # kept prefix) is in place by the time its caller can send the next turn.
-        self.before_done: Callable[[], None] | None = None
 
     @property
     def generated(self) -> int:
@@ -659,8 +656,6 @@ class _Row:
         self.stats.finished[reason] += 1
         if flush:
             self._emit(self.stops.flush())
-        if self.before_done is not None:
-            self.before_done()
         usage = Usage(len(self.request.prompt_ids), self.generated, self.cached_tokens)
         self.request.put("done", Completion("".join(self.text), reason, usage, tuple(self.tokens)))
 

@@ -25,9 +25,12 @@ class Sampler:
         seed = None if params.seed is None else params.seed % 2**64
         self._random = np.random.default_rng(seed) if not params.greedy else None
 
-    def pick(self, logits: Any, generated: int) -> int:
-        """The next token, given its logits [vocab] and how many tokens the request has generated."""
+    def pick(self, logits: Any, generated: int, argmax: int | None = None) -> int:
+        """The next token, given its logits [vocab] and how many tokens the request has generated
+        (`argmax`: the logits' argmax, when the caller computed it for a whole batch at once)."""
         np, p = self._np, self.params
+        if self._random is None and argmax is not None and generated >= p.min_tokens:
+            return argmax
         if generated < p.min_tokens and len(self._eos):
             logits = logits.copy()
             logits[self._eos] = -np.inf
