@@ -370,8 +370,6 @@ class GenerationEngine:
         # Measured: the default thread pool halves int4 decode speed on small machines.
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
         self._og, self._genai_config = og, config
-        wait = self.options.batch_wait_s
-        self._batch_wait_s = 0.005 if wait is None else wait
         self._tokenizer = og.Tokenizer(config)
         self._tokenizer_lock = threading.Lock()
         if self.options.scheduler not in ("auto", "continuous", "genai"):
@@ -385,7 +383,6 @@ class GenerationEngine:
                     raise SlmflowError(f"the continuous scheduler cannot run this model: {e}") from None
                 log.info("%s runs on ONNX Runtime GenAI Generators: %s", self.model_dir, e)
             else:
-                self._batch_wait_s = self.options.batch_wait_s or 0.0
                 self._batcher = ContinuousBatcher(
                     decoder,
                     PrefixCache(self.options.prefix_cache_bytes, layout.bytes_per_token),
@@ -395,8 +392,10 @@ class GenerationEngine:
                     prefix_min_tokens=self.options.prefix_min_tokens,
                     stats=self.stats,
                 )
-                return
-        self.genai_model()
+        if self._batcher is None:
+            self.genai_model()
+        wait = self.options.batch_wait_s
+        self._batch_wait_s = wait if wait is not None else (0.0 if self._batcher is not None else 0.005)
 
     # --- continuous scheduler (owner thread) ------------------------------------------------------
 
@@ -427,13 +426,9 @@ class GenerationEngine:
         """A call, or the waiting requests that fit the free slots (possibly none: then the running
         rows step on). Waits only when nothing runs. None once the engine is closed."""
         with self._wakeup:
-            while batcher.idle and not self._pending and not self._calls and not self._closed:
-                self._wakeup.wait()
-            if self._closed:
-                self._fail_waiting()
-                return None
-            if self._calls:
-                return self._calls.popleft()
+            call = self._await(running=not batcher.idle)
+            if call is not None or self._closed:
+                return call
             if not self._pending or not batcher.free_slots:
                 return []
             if batcher.idle:
@@ -448,14 +443,20 @@ class GenerationEngine:
             self.stats.queue_depth = len(self._pending)
             return admitted
 
-    def _fail_waiting(self) -> None:
-        """The engine is closed: fail every queued request and call (lock held)."""
-        for request in self._pending:
-            request.put("error", SlmflowError("the model has been unloaded"))
-        for call in self._calls:
-            call.future.set_exception(SlmflowError("the model has been unloaded"))
-        self._pending.clear()
-        self._calls.clear()
+    def _await(self, *, running: bool) -> _Call | None:
+        """(Lock held.) Wait for a request or a call, unless rows are `running`; then the call to run
+        first, if any. Once the engine is closed, what still waits fails (and None)."""
+        while not running and not self._pending and not self._calls and not self._closed:
+            self._wakeup.wait()
+        if self._closed:
+            for request in self._pending:
+                request.put("error", SlmflowError("the model has been unloaded"))
+            for call in self._calls:
+                call.future.set_exception(SlmflowError("the model has been unloaded"))
+            self._pending.clear()
+            self._calls.clear()
+            return None
+        return self._calls.popleft() if self._calls else None
 
     # --- genai scheduler (owner thread) ----------------------------------------------------------
 
@@ -463,13 +464,9 @@ class GenerationEngine:
         """Wait for work: a call, or the oldest request with every waiting one that may share its
         batch (cancelled ones dropped, so possibly empty). None once the engine is closed."""
         with self._wakeup:
-            while not self._pending and not self._calls and not self._closed:
-                self._wakeup.wait()
-            if self._closed:
-                self._fail_waiting()
-                return None
-            if self._calls:
-                return self._calls.popleft()
+            call = self._await(running=False)
+            if call is not None or self._closed:
+                return call
             self._gather()
             if not self._pending:  # everything that waited was cancelled while it gathered
                 return []
@@ -495,11 +492,11 @@ class GenerationEngine:
         reach the queue one by one (the server parses, renders and tokenizes each in turn), so the
         wait goes on while they keep coming.
         """
+        if not self._batch_wait_s:
+            return
         now = time.monotonic()
         last_arrival, give_up = now, now + self.options.max_batch_wait_s
         waiting = len(self._pending)
-        if not self._batch_wait_s:
-            return
         while waiting < self.options.max_batch_size and not self._closed:
             remaining = min(last_arrival + self._batch_wait_s, give_up) - time.monotonic()
             if remaining <= 0:
@@ -728,8 +725,8 @@ class EngineStats:
     batched_requests: int = 0  # joined ones included
     joined_requests: int = 0  # requests that joined a running batch
     generated_tokens: int = 0
-    # Prefix reuse: lone requests that found a kept Generator or not, prompt tokens not read again,
-    # and the bytes of KV buffers kept.
+    # Prefix reuse: requests that found a kept prompt's KV or not, prompt tokens not read again, and
+    # the bytes of KV kept.
     prefix_hits: int = 0
     prefix_misses: int = 0
     prefix_cached_tokens: int = 0
