@@ -296,3 +296,27 @@ def test_a_seeded_sample_is_the_same_alone_and_beside_other_requests(onnx_int4) 
         assert engine.stats.batches == 2 and engine.stats.batched_requests == 5, "they did not share a batch"
     finally:
         engine.close()
+
+
+def test_prompts_of_different_lengths_sent_together_are_read_without_much_padding(onnx_int4) -> None:
+    from slmflow.generation.engine import GenerationEngine
+
+    # Read as one run, 4 short and 2 long prompts would compute every row to the long ones' length
+    # (over 2 positions per prompt token); grouped by length, at most 1.2.
+    engine = GenerationEngine(onnx_int4)
+    try:
+        preamble = [{"role": "system", "content": "You answer questions about capitals. " * 12}]
+        chats = [*QUESTIONS[:4], *([*preamble, *q] for q in QUESTIONS[4:6])]
+        prompts = [engine.encode(engine.render_chat(chat)) for chat in chats]
+        assert min(map(len, prompts[4:])) > 3 * max(map(len, prompts[:4]))
+        alone = [engine.generate(prompt, GREEDY) for prompt in prompts]
+        tokens, positions = engine.stats.prompt_tokens, engine.stats.prompt_positions
+        with engine_held(engine):
+            streams = engine.submit_all([(prompt, GREEDY) for prompt in prompts])
+        assert [s.result() for s in streams] == alone
+        assert engine.stats.batches == 7 and engine.stats.batched_requests == 12, "they did not share a batch"
+        read = engine.stats.prompt_tokens - tokens
+        assert read == sum(map(len, prompts))
+        assert engine.stats.prompt_positions - positions <= 1.2 * read
+    finally:
+        engine.close()

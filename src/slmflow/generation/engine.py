@@ -725,6 +725,10 @@ class EngineStats:
     batched_requests: int = 0  # joined ones included
     joined_requests: int = 0  # requests that joined a running batch
     generated_tokens: int = 0
+    # Prompt tokens read by the continuous scheduler, and the positions computed to read them (a
+    # batched read of prompts computes every row to the longest one's length).
+    prompt_tokens: int = 0
+    prompt_positions: int = 0
     # Prefix reuse: requests that found a kept prompt's KV or not, prompt tokens not read again, and
     # the bytes of KV kept.
     prefix_hits: int = 0

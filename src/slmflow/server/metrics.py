@@ -69,6 +69,14 @@ class _EngineCollector(Collector):
             "slmflow_generated_tokens", "Tokens generated, cancelled requests included", value=stats.generated_tokens
         )
         yield CounterMetricFamily(
+            "slmflow_prompt_tokens", "Prompt tokens read (continuous scheduler)", value=stats.prompt_tokens
+        )
+        yield CounterMetricFamily(
+            "slmflow_prompt_positions",
+            "Positions computed to read them: prompts read together are padded to the longest",
+            value=stats.prompt_positions,
+        )
+        yield CounterMetricFamily(
             "slmflow_prefix_cache_hits",
             "Requests that found their prompt's start already read (its KV kept)",
             value=stats.prefix_hits,
