@@ -65,6 +65,19 @@ def onnx_int4(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 @pytest.fixture(scope="session")
+def onnx_int4_prefill(onnx_int4: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The int4 fixture with a prefill graph (int4 builds get none unless asked)."""
+    import shutil
+
+    from slmflow.prefill_graph import add_prefill_graph
+
+    folder = tmp_path_factory.mktemp("prefill") / "int4"
+    shutil.copytree(onnx_int4, folder)
+    add_prefill_graph(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def engine(onnx_int4: Path):  # -> GenerationEngine
     from slmflow.generation.engine import GenerationEngine
 

@@ -56,11 +56,12 @@ def smol_server(smol_default: dict) -> Iterator[LiveServer]:
 def test_the_gguf_is_packaged_at_the_default_precision_within_its_quality_budget(smol_default: dict) -> None:
     run = MlflowClient().get_run(smol_default["run_id"])
     assert run.data.params["source_kind"] == "gguf" and run.data.params["architecture"] == "llama"
-    assert run.data.params["precision"] == "int8"
+    assert run.data.params["precision"] == "int8" and run.data.params["prefill_graph"] == "True"
     quality = smol_default["quality"]
     assert quality == {k.removeprefix("quality."): v for k, v in run.data.metrics.items() if k.startswith("quality.")}
-    # The default precision's promise, measured on this real model: within 5% of its source.
-    assert 0 <= quality["perplexity_increase_pct"] < 5, quality
+    # The default build's quality, measured on this real model with prompts read by the prefill graph
+    # (int8 activations): +0.10% perplexity over the source (the builder's graph alone: +0.25%).
+    assert abs(quality["perplexity_increase_pct"]) < 0.5, quality
     assert quality["top1_agreement"] > 0.9, quality
     assert run.data.metrics["gguf_dequantize_seconds"] > 0
 

@@ -127,6 +127,16 @@ def _check_quantization(precision: str, quantization: Quantization) -> None:
             raise SlmflowError(f"builder options are KEY=VALUE; got {option!r}")
 
 
+def uses_prefill_graph(precision: str, provider: str, requested: bool | None) -> bool:
+    """Whether a build gets a prefill graph (prefill_graph.py): asked for, else int8 CPU builds.
+    int4 only when asked: the graph holds an int8 copy of the weights, which undoes int4's size."""
+    if requested is None:
+        return precision == "int8" and provider == "cpu"
+    if requested and (precision not in QUANTIZED or provider != "cpu"):
+        raise SlmflowError(f"the prefill graph is for int4/int8 CPU builds, not {precision} on {provider}")
+    return requested
+
+
 def convert(
     source: Path,
     output: Path,
@@ -134,11 +144,14 @@ def convert(
     precision: str = DEFAULT_PRECISION,
     provider: str = "cpu",
     quantization: Quantization | None = None,
+    prefill_graph: bool | None = None,
     num_layers: int | None = None,
     progress: Progress | None = None,
 ) -> Path:
-    """Convert the checkpoint at `source` into an ONNX Runtime GenAI folder at `output`."""
+    """Convert the checkpoint at `source` into an ONNX Runtime GenAI folder at `output` (with a
+    prefill graph where `uses_prefill_graph` says so)."""
     check_target(precision, provider, quantization)
+    with_prefill_graph = uses_prefill_graph(precision, provider, prefill_graph)
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=output.parent))
     cache = Path(tempfile.mkdtemp(prefix=".builder-cache-", dir=output.parent))
@@ -147,6 +160,10 @@ def convert(
         _run_builder(command, num_layers, progress)
         if not (staging / "genai_config.json").is_file():
             raise ConversionError("the model builder finished without writing genai_config.json")
+        if with_prefill_graph:
+            from slmflow.prefill_graph import add_prefill_graph
+
+            add_prefill_graph(staging, progress=progress)
         if output.exists():
             shutil.rmtree(output)
         os.replace(staging, output)

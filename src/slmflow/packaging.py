@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from slmflow import convert
 from slmflow.checkpoints import Checkpoint, resolve
 from slmflow.errors import QualityBudgetExceeded, SlmflowError
+from slmflow.generation.decoder import PREFILL_FILE
 from slmflow.onnx_genai.schema import CHAT_EXAMPLE, TASKS
 from slmflow.progress import Progress, reading
 
@@ -44,6 +45,7 @@ class PackageSpec:
     alias: str | None = None
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     quantization: convert.Quantization | None = None  # None: the precision's default recipe
+    prefill_graph: bool | None = None  # None: int8 CPU builds (convert.uses_prefill_graph)
     measure_quality: bool = True  # ONNX route: measure the conversion against its source
     max_quality_loss: float | None = None  # percent of perplexity; over it, nothing is registered
 
@@ -56,8 +58,9 @@ class PackageSpec:
             raise SlmflowError("the transformers route packages the chat task (llm/v1/chat) only")
         if self.route == "onnx":
             convert.check_target(self.precision, self.provider, self.quantization)
-        elif self.quantization is not None:
-            raise SlmflowError("quantization options apply to the ONNX route")
+            convert.uses_prefill_graph(self.precision, self.provider, self.prefill_graph)
+        elif self.quantization is not None or self.prefill_graph:
+            raise SlmflowError("quantization options and the prefill graph apply to the ONNX route")
         if self.max_quality_loss is not None:
             if self.route != "onnx" or not self.measure_quality:
                 raise SlmflowError("--max-quality-loss needs the ONNX route with its quality measured")
@@ -251,6 +254,11 @@ def _params(spec: PackageSpec, checkpoint: Checkpoint) -> dict[str, Any]:
         recipe = convert.recipe_for(spec.precision, spec.quantization) if converted else None
         if recipe is not None:
             params["quantization"] = recipe.describe()
+        params["prefill_graph"] = (
+            convert.uses_prefill_graph(spec.precision, spec.provider, spec.prefill_graph)
+            if converted
+            else (checkpoint.path / PREFILL_FILE).is_file()
+        )
         if spec.max_quality_loss is not None:
             params["max_quality_loss_pct"] = spec.max_quality_loss
     params |= {f"generation.{k}": v for k, v in spec.generation_defaults.items()}
@@ -286,6 +294,7 @@ def _log_onnx(
             precision=spec.precision,
             provider=spec.provider,
             quantization=spec.quantization,
+            prefill_graph=spec.prefill_graph,
             num_layers=_num_layers(checkpoint),
             progress=progress,
         )

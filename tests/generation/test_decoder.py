@@ -9,14 +9,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from slmflow.generation.decoder import Decoder, UnsupportedGraph, layout_of
+from slmflow.generation.decoder import PREFILL_FILE, Decoder, UnsupportedGraph, layout_of
 
 
-@pytest.fixture(scope="module")
-def decoder(onnx_int4: Path) -> Decoder:
-    config = json.loads((onnx_int4 / "genai_config.json").read_text())
-    layout, model_file = layout_of(config, onnx_int4)
-    return Decoder(model_file, layout, slots=4, threads=1, max_capacity=int(config["model"]["context_length"]))
+@pytest.fixture(scope="module", params=["builder graph", "prefill graph"])
+def decoder(request: pytest.FixtureRequest, onnx_int4: Path, onnx_int4_prefill: Path) -> Decoder:
+    """Every test here runs with prompts read by the builder's graph and by a prefill graph."""
+    folder = onnx_int4_prefill if request.param == "prefill graph" else onnx_int4
+    config = json.loads((folder / "genai_config.json").read_text())
+    layout, model_file = layout_of(config, folder)
+    prefill = folder / PREFILL_FILE if request.param == "prefill graph" else None
+    context = int(config["model"]["context_length"])
+    return Decoder(model_file, layout, slots=4, threads=1, max_capacity=context, prefill_file=prefill)
 
 
 PROMPTS = [[1, 5, 9, 12, 40, 41, 42], [1, 7, 3], [1, 8, 8, 8, 8, 20, 21, 22, 23, 24, 25]]

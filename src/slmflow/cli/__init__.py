@@ -152,6 +152,11 @@ def fixture(size: str, force: bool, as_json: bool) -> None:
 @click.option(
     "--builder-option", "builder_options", multiple=True, help="Any further builder option KEY=VALUE (repeatable)."
 )
+@click.option(
+    "--prefill-graph/--no-prefill-graph",
+    default=None,
+    help="ONNX route: add a graph that reads prompts faster (int8 activations); default: int8 CPU builds.",
+)
 @click.option("--no-quality", is_flag=True, help="ONNX route: skip measuring the conversion against its source.")
 @click.option(
     "--max-quality-loss",
@@ -179,6 +184,7 @@ def package(
     accuracy_level: int | None,
     asymmetric: bool,
     builder_options: tuple[str, ...],
+    prefill_graph: bool | None,
     no_quality: bool,
     max_quality_loss: float | None,
     task: str,
@@ -209,6 +215,7 @@ def package(
         alias=alias or None,
         generation_defaults={k: v for k, v in defaults.items() if v is not None},
         quantization=quantization,
+        prefill_graph=prefill_graph,
         measure_quality=not no_quality,
         max_quality_loss=max_quality_loss,
     )

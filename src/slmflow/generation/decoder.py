@@ -17,6 +17,9 @@ last: at load, a Gather is put before the LM head, fed by an input of the positi
 (`logits_positions`, into the flattened batch x sequence). Measured on SmolLM2-135M int8: the LM
 head was 14% of a 512-token prefill, and the logits of 8 prompts of 1,200 tokens would take 1.9 GB.
 
+Where the model folder has a prefill graph (prefill.onnx, see prefill_graph.py), prompts are read by
+it and decode steps by the builder's graph, both on the same KV buffers.
+
 Knows neither MLflow nor HTTP; used by the engine's owner thread only (not thread-safe).
 """
 
@@ -32,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # Capacity (tokens per slot) grows in steps of this many tokens, and returns to it when idle.
 CAPACITY_STEP = 256
+# The graph that reads prompts faster, where a model folder has one (written by prefill_graph.py).
+PREFILL_FILE = "prefill.onnx"
 
 
 @dataclass(frozen=True)
@@ -87,35 +92,61 @@ def layout_of(config: dict[str, Any], model_dir: Path) -> tuple[Layout, Path]:
 class Decoder:
     """One ONNX Runtime session of the decoder graph and the KV slots of the requests it runs."""
 
-    def __init__(self, model_file: Path, layout: Layout, slots: int, threads: int, max_capacity: int) -> None:
+    def __init__(
+        self,
+        model_file: Path,
+        layout: Layout,
+        slots: int,
+        threads: int,
+        max_capacity: int,
+        prefill_file: Path | None = None,
+    ) -> None:
         import numpy as np
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        graph = _with_position_selection(model_file, layout)
-        if graph is not None:  # loaded from bytes: its weights are found beside the original file
-            options.add_session_config_entry(
-                "session.model_external_initializers_file_folder_path", str(model_file.parent)
-            )
-        self._session = ort.InferenceSession(graph or str(model_file), options, providers=["CPUExecutionProvider"])
-        self.selects_positions = graph is not None
-        names = {i.name for i in self._session.get_inputs()} - {POSITIONS}
-        expected = {"input_ids", "attention_mask"} | {
-            name % i for i in range(layout.layers) for name in (layout.key_name, layout.value_name)
-        }
-        if names != expected:
-            raise UnsupportedGraph(f"graph inputs {sorted(names - expected) or sorted(expected - names)}")
-        self._output_names = [output.name for output in self._session.get_outputs()]
         self._ort, self._np = ort, np
         self.layout = layout
+        self._session, self.selects_positions = self._open(model_file, threads)
+        # Prompts are read by the prefill graph where there is one (prefill_graph.py), else by the
+        # same graph; both bind the same KV buffers.
+        self._prompt_session = self._session
+        if prefill_file is not None:
+            self._prompt_session, selects = self._open(prefill_file, threads)
+            if selects != self.selects_positions:
+                raise UnsupportedGraph(f"{prefill_file.name} and {model_file.name} differ in their LM head")
+        self._output_names = [output.name for output in self._prompt_session.get_outputs()]  # runs by name
         self.slots = slots
         self.max_capacity = max_capacity
         self.rows = self.capacity = 0
         self._keys: list[Any] = []
         self._values: list[Any] = []
         self._resize(1, min(CAPACITY_STEP, max_capacity))
+
+    def _open(self, model_file: Path, threads: int) -> tuple[Any, bool]:
+        """A session of `model_file` (with the position selection where the LM head allows it), and
+        whether it selects positions."""
+        options = self._ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        # Each session has its own threads, which spin for a while after a run by default: with two
+        # sessions taking turns (prompt reads between decode steps) they took the cores from each
+        # other. Measured, SmolLM2 int8, 10 x (a 128-token read + a decode step of 8 rows): 1,980 ms
+        # spinning vs 1,056 ms stopped; one stream's decode unchanged (113 vs 127 tokens/s, noise).
+        options.add_session_config_entry("session.force_spinning_stop", "1")
+        graph = _with_position_selection(model_file, self.layout)
+        if graph is not None:  # loaded from bytes: its weights are found beside the original file
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(model_file.parent)
+            )
+        session = self._ort.InferenceSession(graph or str(model_file), options, providers=["CPUExecutionProvider"])
+        layout = self.layout
+        names = {i.name for i in session.get_inputs()} - {POSITIONS}
+        expected = {"input_ids", "attention_mask"} | {
+            name % i for i in range(layout.layers) for name in (layout.key_name, layout.value_name)
+        }
+        if names != expected:
+            raise UnsupportedGraph(f"graph inputs {sorted(names - expected) or sorted(expected - names)}")
+        return session, graph is not None
 
     # --- KV slots ------------------------------------------------------------------------------
 
@@ -152,8 +183,7 @@ class Decoder:
             for old, new in zip(self._keys + self._values, keys + values, strict=True):
                 new[: self.rows, :, : self.capacity] = old
         self._keys, self._values, self.rows, self.capacity = keys, values, rows, capacity
-        self._binding: Any = None  # bound to the old buffers
-        self._binding_range = (0, 0)
+        self._bindings: dict[int, tuple[tuple[int, int], Any]] = {}  # by session; the old buffers are gone
 
     def read_slot(self, slot: int, length: int) -> Any:
         """A copy of the first `length` tokens' KV in `slot`: [layers, 2, kv_heads, length, head_size]."""
@@ -190,7 +220,7 @@ class Decoder:
         for layer in range(self.layout.layers):
             feeds[self.layout.key_name % layer] = empty
             feeds[self.layout.value_name % layer] = empty
-        logits, keys, values = self._outputs(self._session.run(None, feeds))
+        logits, keys, values = self._outputs(self._prompt_session.run(None, feeds))
         for row, (slot, prompt) in enumerate(zip(slots, prompts, strict=True)):
             n = len(prompt)
             for layer in range(self.layout.layers):
@@ -206,7 +236,7 @@ class Decoder:
         ids = np.asarray([tokens], dtype=np.int64)
         mask = np.ones((1, past + len(tokens)), dtype=np.int64)
         wanted = list(range(len(tokens))) if all_logits else [len(tokens) - 1]
-        logits = self._run(ids, mask, slot, slot + 1, wanted)
+        logits = self._run(self._prompt_session, ids, mask, slot, slot + 1, wanted)
         return logits[0] if all_logits else logits[0, -1]
 
     def decode(self, tokens: dict[int, int], lengths: list[int], pad: int) -> Any:
@@ -223,33 +253,34 @@ class Decoder:
         mask = np.zeros((rows, width), dtype=np.int64)
         for slot in range(rows):
             mask[slot, : lengths[slot] + 1] = 1
-        logits = self._run(ids, mask, 0, rows, list(range(rows)))
+        logits = self._run(self._session, ids, mask, 0, rows, list(range(rows)))
         return logits[0] if self.selects_positions else logits[:, -1]
 
     def _positions(self, feeds: dict[str, Any], wanted: list[int]) -> None:
         if self.selects_positions:
             feeds[POSITIONS] = self._np.asarray(wanted, dtype=self._np.int64)
 
-    def _run(self, ids: Any, mask: Any, first: int, end: int, wanted: list[int]) -> Any:
-        """Run over slots first..end-1 in place; logits of the `wanted` positions ([1, len(wanted),
-        vocab]) where the graph selects positions, else of every position."""
-        binding = self._kv_binding(first, end)
+    def _run(self, session: Any, ids: Any, mask: Any, first: int, end: int, wanted: list[int]) -> Any:
+        """Run `session` over slots first..end-1 in place; logits of the `wanted` positions ([1,
+        len(wanted), vocab]) where the graph selects positions, else of every position."""
+        binding = self._kv_binding(session, first, end)
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", mask)
         if self.selects_positions:
             binding.bind_cpu_input(POSITIONS, self._np.asarray(wanted, dtype=self._np.int64))
         binding.bind_output("logits")
-        self._session.run_with_iobinding(binding)
+        session.run_with_iobinding(binding)
         return binding.get_outputs()[-1].numpy()
 
-    def _kv_binding(self, first: int, end: int) -> Any:
-        """An IO binding with slots first..end-1 bound as past and present; kept while the buffer
-        and the slot range stay the same (decode steps run over the same range step after step, and
-        binding 2 x layers values each step took a measurable share of a small model's step)."""
-        if self._binding is not None and self._binding_range == (first, end):
-            return self._binding
+    def _kv_binding(self, session: Any, first: int, end: int) -> Any:
+        """An IO binding of `session` with slots first..end-1 bound as past and present; kept while
+        the buffer and the slot range stay the same (decode steps run over the same range step after
+        step, and binding 2 x layers values each step took a measurable share of a small model's step)."""
+        kept = self._bindings.get(id(session))
+        if kept is not None and kept[0] == (first, end):
+            return kept[1]
         ort = self._ort
-        binding = self._session.io_binding()
+        binding = session.io_binding()
         names = ((self.layout.key_name, self.layout.present_key_name, self._keys),
                  (self.layout.value_name, self.layout.present_value_name, self._values))  # fmt: skip
         for past_name, present_name, buffers in names:
@@ -258,7 +289,7 @@ class Decoder:
                 value = ort.OrtValue.ortvalue_from_numpy(buffer[first:end])
                 binding.bind_ortvalue_input(past_name % layer, value)
                 binding.bind_ortvalue_output(present_name % layer, value)
-        self._binding, self._binding_range = binding, (first, end)
+        self._bindings[id(session)] = ((first, end), binding)
         return binding
 
     def logits_in_chunks(self, tokens: list[int], chunk: int) -> Any:
@@ -277,7 +308,7 @@ class Decoder:
             for layer in range(self.layout.layers):
                 feeds[self.layout.key_name % layer] = keys[layer]
                 feeds[self.layout.value_name % layer] = values[layer]
-            logits, keys, values = self._outputs(self._session.run(None, feeds))
+            logits, keys, values = self._outputs(self._prompt_session.run(None, feeds))
             yield logits[0]
 
     def _outputs(self, outputs: list[Any]) -> tuple[Any, list[Any], list[Any]]:

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 from slmflow.errors import InvalidRequest, Overloaded, SlmflowError
 from slmflow.generation.chat import ChatTemplate, validate_messages
 from slmflow.generation.continuous import ContinuousBatcher
-from slmflow.generation.decoder import Decoder, UnsupportedGraph, layout_of
+from slmflow.generation.decoder import PREFILL_FILE, Decoder, UnsupportedGraph, layout_of
 from slmflow.generation.openai import Completion, FinishReason, Usage
 from slmflow.generation.params import SamplingParams
 from slmflow.generation.prefix_cache import PrefixCache
@@ -67,6 +67,9 @@ class EngineOptions:
     # prefix_min_tokens are cheap to read again and are not kept.
     prefix_cache_bytes: int = 1 << 30
     prefix_min_tokens: int = 256
+    # Continuous scheduler: read prompts with the model folder's prefill graph (prefill.onnx, see
+    # prefill_graph.py) where it has one.
+    prefill_graph: bool = True
 
 
 @dataclass(eq=False)  # identity: requests are found in the queue by who they are
@@ -377,7 +380,16 @@ class GenerationEngine:
         if self.options.scheduler != "genai":
             try:
                 layout, model_file = layout_of(self._config, self.model_dir)
-                decoder = Decoder(model_file, layout, self.options.max_batch_size, threads, self.context_length)
+                prefill = self.model_dir / PREFILL_FILE
+                use_prefill = self.options.prefill_graph and prefill.is_file()
+                decoder = Decoder(
+                    model_file,
+                    layout,
+                    self.options.max_batch_size,
+                    threads,
+                    self.context_length,
+                    prefill_file=prefill if use_prefill else None,
+                )
             except UnsupportedGraph as e:
                 if self.options.scheduler == "continuous":
                     raise SlmflowError(f"the continuous scheduler cannot run this model: {e}") from None

@@ -1,0 +1,80 @@
+"""The prefill graph (prefill_graph.py): int8 activations for reading prompts, on the tiny fixture.
+Its quality on the real model is checked in tests/test_real_model.py."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slmflow import convert
+from slmflow.errors import SlmflowError
+from slmflow.generation.decoder import PREFILL_FILE, Decoder, layout_of
+from slmflow.generation.params import SamplingParams
+from slmflow.prefill_graph import PrefillGraphError, add_prefill_graph
+
+QUESTIONS = {"Spain": "Madrid", "France": "Paris", "Japan": "Tokyo"}
+
+
+def decoders(folder: Path) -> tuple[Decoder, Decoder]:
+    """(the builder's graph alone, with the prefill graph reading prompts)."""
+    config = json.loads((folder / "genai_config.json").read_text())
+    layout, model_file = layout_of(config, folder)
+    made = [Decoder(model_file, layout, 2, 1, 512, prefill_file=p) for p in (None, folder / PREFILL_FILE)]
+    return made[0], made[1]
+
+
+def test_prompts_read_by_the_prefill_graph_give_the_builder_graphs_next_tokens(onnx_int4_prefill: Path) -> None:
+    from slmflow.generation.engine import GenerationEngine
+
+    engine = GenerationEngine(onnx_int4_prefill)
+    try:
+        prompt = engine.encode(engine.render_chat([{"role": "user", "content": "What is the capital of Spain?"}]))
+    finally:
+        engine.close()
+    builder, prefill = decoders(onnx_int4_prefill)
+    ours = np.concatenate(list(prefill.logits_in_chunks(prompt, 64)))
+    theirs = np.concatenate(list(builder.logits_in_chunks(prompt, 64)))
+    assert not np.allclose(ours, theirs, atol=1e-4), "the prefill graph did not read the prompt"
+    assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.9
+    np.testing.assert_allclose(prefill.extend(0, 0, prompt), ours[-1], atol=1e-4)
+
+
+def test_the_engine_answers_as_trained_with_prompts_read_by_the_prefill_graph(onnx_int4_prefill: Path) -> None:
+    from slmflow.generation.engine import EngineOptions, GenerationEngine
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=24)
+    for use in (True, False):
+        engine = GenerationEngine(onnx_int4_prefill, EngineOptions(prefill_graph=use))
+        try:
+            assert engine.scheduler == "continuous"
+            for country, capital in QUESTIONS.items():
+                chat = [{"role": "user", "content": f"What is the capital of {country}?"}]
+                answer = engine.generate(engine.render_chat(chat), greedy).text
+                assert answer == f"The capital of {country} is {capital}.", (use, answer)
+        finally:
+            engine.close()
+
+
+def test_int8_builds_get_a_prefill_graph_by_default_and_others_only_when_asked(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    int8 = convert.convert(tiny_checkpoint, tmp_path / "int8", precision="int8")
+    assert (int8 / PREFILL_FILE).is_file() and (int8 / f"{PREFILL_FILE}.data").is_file()
+    assert (int8 / PREFILL_FILE).stat().st_mode == (int8 / "model.onnx").stat().st_mode
+    without = convert.convert(tiny_checkpoint, tmp_path / "plain", precision="int8", prefill_graph=False)
+    assert not (without / PREFILL_FILE).exists()
+    assert not convert.uses_prefill_graph("int4", "cpu", None) and convert.uses_prefill_graph("int4", "cpu", True)
+    for precision, provider in (("fp32", "cpu"), ("int4", "cuda")):
+        with pytest.raises(SlmflowError, match="prefill graph is for int4/int8 CPU builds"):
+            convert.uses_prefill_graph(precision, provider, True)
+
+
+def test_a_model_without_quantized_weights_is_refused_and_left_as_it_was(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    fp32 = convert.convert(tiny_checkpoint, tmp_path / "fp32", precision="fp32")
+    before = sorted(p.name for p in fp32.iterdir())
+    with pytest.raises(PrefillGraphError, match="no int4/int8"):
+        add_prefill_graph(fp32)
+    assert sorted(p.name for p in fp32.iterdir()) == before
