@@ -184,11 +184,13 @@ def memory_32(folder: Path, document: str, followups: list[str], budget_mb: int)
 
 def model_folder(size: str, precision: str, block_size: int | None = None) -> Path:
     """The fixture converted at `precision` (and int4/int8 `block_size`, else the default recipe),
-    cached under SLMFLOW_HOME."""
+    with a prefill graph where the build gets one by default, cached under SLMFLOW_HOME."""
     from slmflow import convert
     from slmflow.checkpoints.fixture import build_fixture
     from slmflow.checkpoints.smol import build_smol
+    from slmflow.generation.decoder import PREFILL_FILE
     from slmflow.paths import slmflow_home
+    from slmflow.prefill_graph import add_prefill_graph
 
     checkpoint = build_smol() if size == "smol" else build_fixture("bench")
     quantization = convert.Quantization(block_size=block_size) if block_size else None
@@ -196,6 +198,8 @@ def model_folder(size: str, precision: str, block_size: int | None = None) -> Pa
     folder = slmflow_home() / "bench-models" / f"{checkpoint.name}-{precision}{suffix}"
     if not (folder / "genai_config.json").is_file():
         convert.convert(checkpoint, folder, precision=precision, quantization=quantization)
+    if convert.uses_prefill_graph(precision, "cpu", None) and not (folder / PREFILL_FILE).is_file():
+        add_prefill_graph(folder)  # cached before builds had one
     return folder
 
 

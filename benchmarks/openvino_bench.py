@@ -65,9 +65,11 @@ def main() -> None:
     from slmflow.generation.engine import EngineOptions, GenerationEngine
     from slmflow.paths import slmflow_home
 
-    ours_folders = {
-        f"slmflow {args.precision}": model_folder("smol", args.precision),
-        f"slmflow {args.precision} block 128": model_folder("smol", args.precision, block_size=128),
+    # (folder, reads prompts with the prefill graph where the folder has one)
+    ours = {
+        f"slmflow {args.precision}": (model_folder("smol", args.precision), True),
+        f"slmflow {args.precision}, no prefill graph": (model_folder("smol", args.precision), False),
+        f"slmflow {args.precision} block 128": (model_folder("smol", args.precision, block_size=128), True),
     }
     checkpoint = build_smol()
     python = openvino_env()
@@ -78,9 +80,12 @@ def main() -> None:
         subprocess.run(export, check=True)
 
     threads = len(os.sched_getaffinity(0))
+
     # Prefix reuse off: every round sends the same prompts, and the figures are of fresh prompts.
-    options = EngineOptions(max_batch_size=args.max_batch_size, prefix_cache_bytes=0)
-    engines = {name: GenerationEngine(folder, options) for name, folder in ours_folders.items()}
+    def options(prefill_graph: bool) -> EngineOptions:
+        return EngineOptions(max_batch_size=args.max_batch_size, prefix_cache_bytes=0, prefill_graph=prefill_graph)
+
+    engines = {name: GenerationEngine(folder, options(graph)) for name, (folder, graph) in ours.items()}
     systems: dict[str, dict[str, Any]] = {}
     try:
         request = token_ids(next(iter(engines.values())))
