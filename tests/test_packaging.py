@@ -41,7 +41,7 @@ def test_onnx_run_records_params_and_metrics(packaged: dict, tiny_checkpoint: Pa
     assert run.info.status == "FINISHED"
     assert run.data.params["source"] == str(tiny_checkpoint)
     assert run.data.params["route"] == "onnx" and run.data.params["precision"] == "int8"  # the default
-    assert run.data.params["quantization"] == "builder defaults"
+    assert run.data.params["quantization"] == "builder defaults" and run.data.params["prefill_graph"] == "True"
     assert run.data.params["task"] == "chat" and run.data.params["architecture"] == "Phi3ForCausalLM"
     for metric in ("conversion_seconds", "model_size_bytes", "load_seconds", "quality_seconds"):
         assert run.data.metrics[metric] > 0
@@ -52,6 +52,9 @@ def test_onnx_run_records_params_and_metrics(packaged: dict, tiny_checkpoint: Pa
         "quality.perplexity_increase_pct",
         "quality.top1_agreement",
         "quality.greedy_agreement",
+        # int8 builds read prompts with a prefill graph: the builder's graph is measured too
+        "quality.perplexity_decode_graph",
+        "quality.decode_graph_increase_pct",
     }
     assert quality["quality.perplexity"] > 1 and quality["quality.perplexity_source"] > 1
     assert quality["quality.perplexity_increase_pct"] == pytest.approx(

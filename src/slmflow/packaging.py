@@ -330,11 +330,12 @@ def _measure_quality(
     mlflow.log_metrics(report.metrics())
     mlflow.log_dict(report.as_dict(), "quality.json")
     budget = spec.max_quality_loss
-    if budget is not None and report.perplexity_increase_pct > budget:
+    if budget is not None and report.worst_increase_pct > budget:
         recipe = convert.recipe_for(spec.precision, spec.quantization)
+        worst = max(report.perplexity, report.perplexity_decode_graph or 0.0)
         raise QualityBudgetExceeded(
             f"{spec.precision} ({recipe.describe() if recipe else 'no quantization'}) raised perplexity by "
-            f"{report.perplexity_increase_pct:.2f}% ({report.perplexity_source:.3f} -> {report.perplexity:.3f}), "
+            f"{report.worst_increase_pct:.2f}% ({report.perplexity_source:.3f} -> {worst:.3f}), "
             f"over the budget of {budget:g}%; nothing was registered"
         )
     return report
