@@ -78,3 +78,37 @@ def test_a_model_without_quantized_weights_is_refused_and_left_as_it_was(tiny_ch
     with pytest.raises(PrefillGraphError, match="no int4/int8"):
         add_prefill_graph(fp32)
     assert sorted(p.name for p in fp32.iterdir()) == before
+
+
+def test_a_build_with_coarser_weights_gets_its_prefill_graph_weights_from_an_int8_build(
+    onnx_int4: Path, tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    import onnx
+    from onnx import numpy_helper
+
+    from slmflow.prefill_graph import _dequantize
+
+    # Asked for on an int4 build, convert() makes an int8 build beside it to take the weights from,
+    # and removes it afterwards.
+    built = convert.convert(tiny_checkpoint, tmp_path / "int4", precision="int4", prefill_graph=True)
+    assert (built / PREFILL_FILE).is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["int4"]
+    int8 = convert.convert(tiny_checkpoint, tmp_path / "int8", precision="int8", prefill_graph=False)
+
+    def weights(folder: Path, file: str) -> tuple[dict, dict]:
+        model = onnx.load(str(folder / file), load_external_data=False)
+        arrays = {t.name: numpy_helper.to_array(t, base_dir=str(folder)) for t in model.graph.initializer}
+        return {node.name: node for node in model.graph.node}, arrays
+
+    nodes4, arrays4 = weights(built, "model.onnx")
+    nodes8, arrays8 = weights(int8, "model.onnx")
+    _, prefill = weights(built, PREFILL_FILE)
+    def bits(node) -> int:
+        return {a.name: a.i for a in node.attribute}.get("bits", 0)
+
+    name = next(n for n, node in nodes4.items() if node.op_type == "MatMulNBits" and bits(node) == 4)
+    ours = prefill[f"{name}/int8"].astype(np.float32) * prefill[f"{name}/scales"]
+    ours[prefill[f"{name}/outliers"]] = prefill[f"{name}/outlier_rows"]
+    from_int8 = _dequantize(nodes8[name.replace("_Q4", "_Q8")], arrays8.__getitem__)
+    from_int4 = _dequantize(nodes4[name], arrays4.__getitem__)
+    assert np.abs(ours - from_int8).max() <= prefill[f"{name}/scales"].max()  # within a rounding step
+    assert np.abs(ours - from_int8).mean() * 5 < np.abs(ours - from_int4).mean()

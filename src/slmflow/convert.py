@@ -161,9 +161,8 @@ def convert(
         if not (staging / "genai_config.json").is_file():
             raise ConversionError("the model builder finished without writing genai_config.json")
         if with_prefill_graph:
-            from slmflow.prefill_graph import add_prefill_graph
-
-            add_prefill_graph(staging, progress=progress)
+            finest = precision == "int8" and recipe_for(precision, quantization) == DEFAULT_RECIPES["int8"]
+            _add_prefill_graph(source, staging, finest, cache, num_layers, progress)
         if output.exists():
             shutil.rmtree(output)
         os.replace(staging, output)
@@ -171,6 +170,30 @@ def convert(
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(cache, ignore_errors=True)
     return output
+
+
+def _add_prefill_graph(
+    source: Path,
+    build: Path,
+    finest: bool,
+    cache: Path,
+    num_layers: int | None,
+    progress: Progress | None,
+) -> None:
+    """Give `build` its prefill graph, with weights from an int8 block-32 build: this one's where it
+    is one (`finest`), else a second build made for it (coarser or 4-bit weights, requantized per
+    channel, cost the prefill graph more: int8 block 128's +0.97% perplexity against +0.07%)."""
+    from slmflow.prefill_graph import add_prefill_graph
+
+    if finest:
+        add_prefill_graph(build, progress=progress)
+        return
+    finer = Path(tempfile.mkdtemp(prefix=".prefill-weights-", dir=build.parent))
+    try:
+        _run_builder(builder_command(source, finer, "int8", "cpu", cache), num_layers, progress)
+        add_prefill_graph(build, weights_from=finer, progress=progress)
+    finally:
+        shutil.rmtree(finer, ignore_errors=True)
 
 
 def _run_builder(command: list[str], num_layers: int | None, progress: Progress | None) -> None:
