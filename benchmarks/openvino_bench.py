@@ -61,9 +61,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from multiturn_bench import model_folder
-    from slmflow.checkpoints.smol import build_smol
     from slmflow.generation.engine import EngineOptions, GenerationEngine
-    from slmflow.paths import slmflow_home
 
     # (folder, reads prompts with the prefill graph where the folder has one)
     ours = {
@@ -71,13 +69,8 @@ def main() -> None:
         f"slmflow {args.precision}, no prefill graph": (model_folder("smol", args.precision), False),
         f"slmflow {args.precision} block 128": (model_folder("smol", args.precision, block_size=128), True),
     }
-    checkpoint = build_smol()
     python = openvino_env()
-    theirs_folder = slmflow_home() / "bench-models" / f"openvino-{checkpoint.name}-int8"
-    if not (theirs_folder / "openvino_model.xml").is_file():
-        export = [str(python.parent / "optimum-cli"), "export", "openvino", "--model", str(checkpoint)]
-        export += ["--task", "text-generation-with-past", "--weight-format", "int8", str(theirs_folder)]
-        subprocess.run(export, check=True)
+    theirs_folder = openvino_folder(python)
 
     threads = len(os.sched_getaffinity(0))
 
@@ -126,6 +119,20 @@ def openvino_env() -> Path:
         # and nothing here needs it.
         subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", "torchvision"], check=True)
     return python
+
+
+def openvino_folder(python: Path) -> Path:
+    """SmolLM2 exported by Optimum Intel (int8 weights), made on first use."""
+    from slmflow.checkpoints.smol import build_smol
+    from slmflow.paths import slmflow_home
+
+    checkpoint = build_smol()
+    folder = slmflow_home() / "bench-models" / f"openvino-{checkpoint.name}-int8"
+    if not (folder / "openvino_model.xml").is_file():
+        export = [str(python.parent / "optimum-cli"), "export", "openvino", "--model", str(checkpoint)]
+        export += ["--task", "text-generation-with-past", "--weight-format", "int8", str(folder)]
+        subprocess.run(export, check=True)
+    return folder
 
 
 def token_ids(engine: Any) -> dict[str, Any]:
