@@ -3,14 +3,14 @@
 Why: ONNX Runtime's MatMulNBits (the builder's int4/int8 weights, accuracy level 4) reads a
 512-token prompt of SmolLM2-135M no faster than float32 weights do (about 690 tokens/s each, same
 run, 2 cores). MatMulInteger (uint8 x int8, VNNI) is about 1.6x faster there. One int8 scale per token
-for the activations cost +3.9% perplexity, though: a few input channels of each matrix carry values
+for the activations cost +3.4% perplexity, though: a few input channels of each matrix carry values
 far above the rest. So those channels (OUTLIER_CHANNELS per matrix, the largest on a calibration
 text) stay float32 in a small MatMul beside the integer one, and the rest get one scale per token.
 Weights get one int8 scale per output channel, from the builder's own (dequantized) weights.
 
 Decoding stays on the builder's graph: at one token per row, the extra quantizing ops cost more than
-they save (66 vs 127 tokens/s for one stream). The LM head stays as built: reading a prompt needs
-only its last position's logits.
+they save (66 vs 127 tokens/s for one stream). The LM head stays a MatMulNBits: reading a prompt
+needs only its last position's logits. Measured quality and speed: docs/packaging.md.
 
 The graph is written beside the builder's as prefill.onnx (+ prefill.onnx.data, only the new
 matrices: the rest still reads model.onnx.data). The direct decoder (generation/decoder.py) reads
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import re
 from collections.abc import Callable, Iterator
 from importlib.resources import files
@@ -31,8 +30,6 @@ from typing import Any
 from slmflow.errors import SlmflowError
 from slmflow.generation.decoder import PREFILL_FILE, UnsupportedGraph, layout_of
 from slmflow.progress import Progress
-
-log = logging.getLogger(__name__)
 
 OUTLIER_CHANNELS = 16  # input channels per matrix kept in float32
 CALIBRATION_CHUNK = 512  # tokens per calibration run
@@ -49,10 +46,10 @@ def add_prefill_graph(
     outliers: int = OUTLIER_CHANNELS,
     progress: Progress | None = None,
 ) -> Path:
-    """Write `folder`/prefill.onnx from the folder's decoder graph; its path. The linear weights
-    come from `weights_from` where given: another build of the same checkpoint with finer weights
-    (int8 block 32 for a block-128 build, whose requantized weights cost +0.97% perplexity against
-    +0.07%). Nothing is left behind on failure."""
+    """Write `folder`/prefill.onnx from the folder's decoder graph; its path. The weights (linears
+    and LM head) come from `weights_from` where given: another build of the same checkpoint with
+    finer weights (an int8 block-32 build for an int4 or block-128 one: requantized, coarser weights
+    cost more perplexity). Nothing is left behind on failure."""
     import onnx
 
     config = json.loads((folder / "genai_config.json").read_text())
@@ -64,7 +61,7 @@ def add_prefill_graph(
     linears = _linears(model.graph)
     if not linears:
         raise PrefillGraphError("no prefill graph: the model has no int4/int8 (MatMulNBits) weights")
-    weight_of = _weights(model.graph, folder) if weights_from is None else _weights_of_build(weights_from, linears)
+    weight_of = _weights(model.graph, folder) if weights_from is None else _weights_of_build(weights_from)
     peaks = _calibrate(model, folder, layout, linears)
     _rewrite(model.graph, linears, weight_of, peaks, outliers, progress)
     if weights_from is not None:
@@ -102,7 +99,7 @@ def _weights(graph: Any, folder: Path) -> Callable[[Any], Any]:
     return lambda node: _dequantize(node, load)
 
 
-def _weights_of_build(other: Path, linears: list[Any]) -> Callable[[Any], Any]:
+def _weights_of_build(other: Path) -> Callable[[Any], Any]:
     """The float32 weights of each linear, from the node of the same name in another build."""
     import onnx
 
