@@ -102,6 +102,7 @@ def test_a_build_with_coarser_weights_gets_its_prefill_graph_weights_from_an_int
     nodes4, arrays4 = weights(built, "model.onnx")
     nodes8, arrays8 = weights(int8, "model.onnx")
     _, prefill = weights(built, PREFILL_FILE)
+
     def bits(node) -> int:
         return {a.name: a.i for a in node.attribute}.get("bits", 0)
 
