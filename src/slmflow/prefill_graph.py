@@ -52,20 +52,19 @@ def add_prefill_graph(
     cost more perplexity). Nothing is left behind on failure."""
     import onnx
 
-    config = json.loads((folder / "genai_config.json").read_text())
-    try:
-        layout, model_file = layout_of(config, folder)
-    except UnsupportedGraph as e:
-        raise PrefillGraphError(f"no prefill graph for this model ({e})") from None
-    model = onnx.load(str(model_file), load_external_data=False)
+    layout, model_file, model = _build(folder)
     linears = _linears(model.graph)
     if not linears:
         raise PrefillGraphError("no prefill graph: the model has no int4/int8 (MatMulNBits) weights")
-    weight_of = _weights(model.graph, folder) if weights_from is None else _weights_of_build(weights_from)
+    if weights_from is None:
+        finer, weight_of = None, _weights(model.graph, folder)
+    else:
+        finer = _build(weights_from)[2].graph
+        weight_of = _weights_of_build(finer, weights_from)
     peaks = _calibrate(model, folder, layout, linears)
     _rewrite(model.graph, linears, weight_of, peaks, outliers, progress)
     if weights_from is not None:
-        _take_lm_head(model.graph, weights_from)
+        _take_lm_head(model.graph, finer, weights_from)
     target, data = folder / PREFILL_FILE, folder / DATA_FILE
     with _written_or_removed(target, data):
         onnx.save_model(
@@ -82,43 +81,55 @@ def add_prefill_graph(
     return target
 
 
+def _build(folder: Path) -> tuple[Any, Path, Any]:
+    """A build's layout, graph file and graph (without its weights)."""
+    import onnx
+
+    try:
+        layout, model_file = layout_of(json.loads((folder / "genai_config.json").read_text()), folder)
+    except (OSError, ValueError, UnsupportedGraph) as e:
+        raise PrefillGraphError(f"no prefill graph for the model in {folder} ({e})") from None
+    return layout, model_file, onnx.load(str(model_file), load_external_data=False)
+
+
+def _lm_head(graph: Any) -> Any:
+    [head] = [node for node in graph.node if "logits" in node.output]
+    return head
+
+
 def _linears(graph: Any) -> list[Any]:
     """The MatMulNBits nodes to rewrite: every one but the LM head."""
     return [node for node in graph.node if node.op_type == "MatMulNBits" and "logits" not in node.output]
 
 
-def _weights(graph: Any, folder: Path) -> Callable[[Any], Any]:
-    """The float32 weights [K, N] of a MatMulNBits node of `graph` (in `folder`)."""
+def _initializers(graph: Any, folder: Path) -> Callable[[str], Any]:
+    """A loader of `graph`'s initializers (in `folder`) by name, as arrays."""
     from onnx import numpy_helper
 
     by_name = {tensor.name: tensor for tensor in graph.initializer}
+    return lambda name: numpy_helper.to_array(by_name[name], base_dir=str(folder))
 
-    def load(name: str) -> Any:
-        return numpy_helper.to_array(by_name[name], base_dir=str(folder))
 
+def _weights(graph: Any, folder: Path) -> Callable[[Any], Any]:
+    """The float32 weights [K, N] of a MatMulNBits node of `graph` (in `folder`)."""
+    load = _initializers(graph, folder)
     return lambda node: _dequantize(node, load)
 
 
-def _weights_of_build(other: Path) -> Callable[[Any], Any]:
-    """The float32 weights of each linear, from the node of the same name in another build."""
-    import onnx
-
-    try:
-        _, model_file = layout_of(json.loads((other / "genai_config.json").read_text()), other)
-    except (OSError, ValueError, UnsupportedGraph) as e:
-        raise PrefillGraphError(f"no prefill graph: {other} is not a usable build ({e})") from None
-    graph = onnx.load(str(model_file), load_external_data=False).graph
+def _weights_of_build(graph: Any, folder: Path) -> Callable[[Any], Any]:
+    """The float32 weights of each linear, from the node of the same name in another build's
+    `graph` (in `folder`)."""
     nodes = {_unquantized_name(node): node for node in _linears(graph)}
-    load = _weights(graph, other)
+    load = _weights(graph, folder)
+
+    def shape(node: Any) -> tuple[int, int]:
+        attrs = _attributes(node)
+        return attrs["K"], attrs["N"]
 
     def weight_of(node: Any) -> Any:
         theirs = nodes.get(_unquantized_name(node))
-        if (
-            theirs is None
-            or _attributes(theirs)["K"] != _attributes(node)["K"]
-            or _attributes(theirs)["N"] != _attributes(node)["N"]
-        ):
-            raise PrefillGraphError(f"no prefill graph: {other} has no {node.name} of the same shape")
+        if theirs is None or shape(theirs) != shape(node):
+            raise PrefillGraphError(f"no prefill graph: {folder} has no {node.name} of the same shape")
         return load(theirs)
 
     return weight_of
@@ -129,25 +140,20 @@ def _unquantized_name(node: Any) -> str:
     return re.sub(r"_Q\d+$", "", node.name)
 
 
-def _take_lm_head(graph: Any, other: Path) -> None:
-    """Give `graph`'s LM head the weights of `other`'s (a prompt's last logits, and every position's
-    when scoring: a block-128 head cost the prefill graph +0.62% perplexity against +0.07%)."""
-    import onnx
+def _take_lm_head(graph: Any, finer: Any, folder: Path) -> None:
+    """Give `graph`'s LM head the weights of the `finer` build's (in `folder`): a prompt's last
+    logits, and every position's when scoring (a block-128 head cost the prefill graph +0.62%
+    perplexity against +0.07%)."""
     from onnx import numpy_helper
 
-    _, model_file = layout_of(json.loads((other / "genai_config.json").read_text()), other)
-    theirs_graph = onnx.load(str(model_file), load_external_data=False).graph
-    [ours] = [node for node in graph.node if "logits" in node.output]
-    [theirs] = [node for node in theirs_graph.node if "logits" in node.output]
+    ours, theirs = _lm_head(graph), _lm_head(finer)
     if ours.op_type != "MatMulNBits" or theirs.op_type != "MatMulNBits":
         return  # a float head: nothing finer to take
-    tensors = {tensor.name: tensor for tensor in theirs_graph.initializer}
+    load = _initializers(finer, folder)
     old = set(ours.input[1:])
     names = [f"prefill/lm_head/{i}" if name else "" for i, name in enumerate(theirs.input[1:], start=1)]
     taken = [
-        numpy_helper.from_array(numpy_helper.to_array(tensors[name], base_dir=str(other)), new)
-        for name, new in zip(theirs.input[1:], names, strict=True)
-        if name
+        numpy_helper.from_array(load(name), new) for name, new in zip(theirs.input[1:], names, strict=True) if name
     ]
     kept = [tensor for tensor in graph.initializer if tensor.name not in old]
     del graph.initializer[:]

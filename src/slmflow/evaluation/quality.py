@@ -60,7 +60,8 @@ class QualityReport:
     @property
     def worst_increase_pct(self) -> float:
         """The larger increase of the model's graphs: what a quality budget is held to."""
-        return max(self.perplexity_increase_pct, self.decode_graph_increase_pct or -100.0)
+        decode = self.decode_graph_increase_pct
+        return self.perplexity_increase_pct if decode is None else max(self.perplexity_increase_pct, decode)
 
     def metrics(self) -> dict[str, float]:
         metrics = {
@@ -70,9 +71,10 @@ class QualityReport:
             f"{METRIC_PREFIX}top1_agreement": self.top1_agreement,
             f"{METRIC_PREFIX}greedy_agreement": self.greedy_agreement,
         }
-        if self.perplexity_decode_graph is not None:
+        decode = self.decode_graph_increase_pct
+        if self.perplexity_decode_graph is not None and decode is not None:
             metrics[f"{METRIC_PREFIX}perplexity_decode_graph"] = self.perplexity_decode_graph
-            metrics[f"{METRIC_PREFIX}decode_graph_increase_pct"] = self.decode_graph_increase_pct or 0.0
+            metrics[f"{METRIC_PREFIX}decode_graph_increase_pct"] = decode
         return metrics
 
     def summary(self) -> str:
@@ -85,8 +87,11 @@ class QualityReport:
         )
 
     def as_dict(self) -> dict[str, Any]:
-        increases = {"perplexity_increase_pct": self.perplexity_increase_pct}
-        return {**asdict(self), **increases, "decode_graph_increase_pct": self.decode_graph_increase_pct}
+        return {
+            **asdict(self),
+            "perplexity_increase_pct": self.perplexity_increase_pct,
+            "decode_graph_increase_pct": self.decode_graph_increase_pct,
+        }
 
 
 def reference_text() -> str:

@@ -157,10 +157,9 @@ class ContinuousBatcher:
                 continue  # read alone below
             prompts = [f.todo or [] for f in group]
             logits = self.decoder.prefill_fresh([f.slot for f in group], prompts, self.pad)
-            self.stats.prompt_positions += len(group) * max(map(len, prompts))
-            for live, row_logits in zip(group, logits, strict=True):
-                self.stats.prompt_tokens += len(live.todo or ())
-                live.length, live.todo = len(live.todo or ()), None
+            self._read(sum(map(len, prompts)), positions=len(group) * max(map(len, prompts)))
+            for live, prompt, row_logits in zip(group, prompts, logits, strict=True):
+                live.length, live.todo = len(prompt), None
                 self._sampled(live, row_logits)
             if budget is not None:
                 return
@@ -169,8 +168,7 @@ class ContinuousBatcher:
             todo = live.todo or []
             chunk = todo[: self.prefill_chunk if budget is None else max(1, min(budget, self.prefill_chunk))]
             logits = self.decoder.extend(live.slot, live.length, chunk)
-            self.stats.prompt_tokens += len(chunk)
-            self.stats.prompt_positions += len(chunk)
+            self._read(len(chunk), positions=len(chunk))
             live.length += len(chunk)
             live.todo = todo[len(chunk) :] or None
             if live.todo is None:
@@ -179,6 +177,11 @@ class ContinuousBatcher:
                 budget -= len(chunk)
                 if budget <= 0:
                     return
+
+    def _read(self, tokens: int, *, positions: int) -> None:
+        """Count prompt tokens read, and the positions computed to read them (padding included)."""
+        self.stats.prompt_tokens += tokens
+        self.stats.prompt_positions += positions
 
     def _fit(self, fresh: list[_Live], budget: int | None) -> list[_Live]:
         """The first of `fresh` (shortest first) to read in one run: within the budget while others

@@ -48,6 +48,54 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+# The engine's counters and gauges, in /metrics order: (family, name, help, EngineStats attribute).
+_ENGINE_METRICS: list[tuple[type[GaugeMetricFamily | CounterMetricFamily], str, str, str]] = [
+    (GaugeMetricFamily, "slmflow_queue_depth", "Requests waiting for a batch slot", "queue_depth"),
+    (GaugeMetricFamily, "slmflow_batch_size", "Requests in the running batch", "running"),
+    (CounterMetricFamily, "slmflow_batches", "Batches run (mean batch size: batched_requests / batches)", "batches"),
+    (CounterMetricFamily, "slmflow_batched_requests", "Requests run in batches", "batched_requests"),
+    (CounterMetricFamily, "slmflow_joined_requests", "Requests that joined a batch already running", "joined_requests"),
+    (
+        CounterMetricFamily,
+        "slmflow_generated_tokens",
+        "Tokens generated, cancelled requests included",
+        "generated_tokens",
+    ),
+    (CounterMetricFamily, "slmflow_prompt_tokens", "Prompt tokens read (continuous scheduler)", "prompt_tokens"),
+    (
+        CounterMetricFamily,
+        "slmflow_prompt_positions",
+        "Positions computed to read them: prompts read together are padded to the longest",
+        "prompt_positions",
+    ),
+    (
+        CounterMetricFamily,
+        "slmflow_prefix_cache_hits",
+        "Requests that found their prompt's start already read (its KV kept)",
+        "prefix_hits",
+    ),
+    (
+        CounterMetricFamily,
+        "slmflow_prefix_cache_misses",
+        "Requests with a prompt long enough to share, that found no kept prefix",
+        "prefix_misses",
+    ),
+    (
+        CounterMetricFamily,
+        "slmflow_prefix_cached_tokens",
+        "Prompt tokens not read again thanks to prefix reuse",
+        "prefix_cached_tokens",
+    ),
+    (GaugeMetricFamily, "slmflow_prefix_cache_bytes", "KV cache bytes kept for prefix reuse", "prefix_cache_bytes"),
+    (
+        GaugeMetricFamily,
+        "slmflow_kv_slots_bytes",
+        "KV buffer of the running requests (continuous scheduler): slots in use x the longest row",
+        "kv_slots_bytes",
+    ),
+]
+
+
 class _EngineCollector(Collector):
     """The scheduler's own counters, read at scrape time (the engine owns them, not the server)."""
 
@@ -56,49 +104,8 @@ class _EngineCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         stats = self._stats()
-        yield GaugeMetricFamily("slmflow_queue_depth", "Requests waiting for a batch slot", value=stats.queue_depth)
-        yield GaugeMetricFamily("slmflow_batch_size", "Requests in the running batch", value=stats.running)
-        yield CounterMetricFamily(
-            "slmflow_batches", "Batches run (mean batch size: batched_requests / batches)", value=stats.batches
-        )
-        yield CounterMetricFamily("slmflow_batched_requests", "Requests run in batches", value=stats.batched_requests)
-        yield CounterMetricFamily(
-            "slmflow_joined_requests", "Requests that joined a batch already running", value=stats.joined_requests
-        )
-        yield CounterMetricFamily(
-            "slmflow_generated_tokens", "Tokens generated, cancelled requests included", value=stats.generated_tokens
-        )
-        yield CounterMetricFamily(
-            "slmflow_prompt_tokens", "Prompt tokens read (continuous scheduler)", value=stats.prompt_tokens
-        )
-        yield CounterMetricFamily(
-            "slmflow_prompt_positions",
-            "Positions computed to read them: prompts read together are padded to the longest",
-            value=stats.prompt_positions,
-        )
-        yield CounterMetricFamily(
-            "slmflow_prefix_cache_hits",
-            "Requests that found their prompt's start already read (its KV kept)",
-            value=stats.prefix_hits,
-        )
-        yield CounterMetricFamily(
-            "slmflow_prefix_cache_misses",
-            "Requests with a prompt long enough to share, that found no kept prefix",
-            value=stats.prefix_misses,
-        )
-        yield CounterMetricFamily(
-            "slmflow_prefix_cached_tokens",
-            "Prompt tokens not read again thanks to prefix reuse",
-            value=stats.prefix_cached_tokens,
-        )
-        yield GaugeMetricFamily(
-            "slmflow_prefix_cache_bytes", "KV cache bytes kept for prefix reuse", value=stats.prefix_cache_bytes
-        )
-        yield GaugeMetricFamily(
-            "slmflow_kv_slots_bytes",
-            "KV buffer of the running requests (continuous scheduler): slots in use x the longest row",
-            value=stats.kv_slots_bytes,
-        )
+        for family, name, documentation, attribute in _ENGINE_METRICS:
+            yield family(name, documentation, value=getattr(stats, attribute))
         finished = CounterMetricFamily(
             "slmflow_finished_requests",
             "Generations by how they ended: stop, length, cancelled (client gone or timed out), error",
