@@ -36,12 +36,15 @@ class Sampler:
             logits[self._eos] = -np.inf
         if self._random is None:
             return int(np.argmax(logits))
-        scaled = logits.astype(np.float64) / p.temperature
+        # Shifted before dividing, so the top token is 0 and the rest <= 0: logits / 1e-320 overflow
+        # to infinity, and infinity minus infinity made every weight NaN (found by the fuzzer).
+        logits = logits.astype(np.float64)
+        scaled = (logits - logits.max()) / p.temperature
         candidates = np.arange(len(scaled))
         if p.top_k and p.top_k < len(scaled):
             candidates = np.argpartition(-scaled, p.top_k - 1)[: p.top_k]
         candidates = candidates[np.argsort(-scaled[candidates], kind="stable")]
-        weights = np.exp(scaled[candidates] - scaled[candidates[0]])
+        weights = np.exp(scaled[candidates])
         weights /= weights.sum()
         if p.top_p is not None and p.top_p < 1.0:
             # The smallest set of most likely tokens whose probability reaches top_p.
