@@ -165,3 +165,45 @@ def test_a_continuing_conversation_answers_as_without_prefix_reuse(smol_default:
     for completion in later:  # each turn reads only the previous answer and the new message
         assert completion.usage.cached_tokens == previous.usage.prompt_tokens
         previous = completion
+
+
+def test_requests_parked_to_keep_the_kv_budget_go_on_as_the_model_would(smol_default: dict) -> None:
+    from importlib.resources import files
+
+    from slmflow.generation.engine import EngineOptions, GenerationEngine
+    from slmflow.generation.params import SamplingParams
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion"))
+    folder = local / mlflow.models.Model.load(str(local)).flavors["onnx_genai"]["model_dir"]
+    # The smallest budget: one request at the full context (8,192 positions). Five prompts of about
+    # 1,500 tokens fit (5 x 1,536 positions); within their first 40 answer tokens they outgrow it, and
+    # the newest is parked until the others end: most of its answer comes after it resumed.
+    engine = GenerationEngine(folder, EngineOptions(kv_cache_bytes=1))
+    try:
+        assert engine.stats.kv_budget_bytes == engine.context_length * engine._batcher.decoder.layout.bytes_per_token
+        data = files("slmflow.data")
+        text = "\n".join(data.joinpath(name).read_text() for name in ("calibration.txt", "reference.txt") * 2)
+
+        def prompt(question: str, chars: int) -> list[int]:
+            return engine.encode(engine.render_chat(ask(f"Here is a text:\n{text[:chars]}\n\n{question}")))
+
+        chars = next(n for n in range(len(text), 0, -50) if len(prompt("What is 2+2?", n)) <= 1520)
+        forced = SamplingParams(temperature=0.0, max_tokens=100, min_tokens=100)
+        requests = [(prompt(question, chars), forced) for question in [*FACTS, *FACTS][:5]]
+        assert all(1496 < len(ids) < 1536 for ids, _ in requests)
+        with engine_held(engine):
+            streams = engine.submit_all(requests)
+        answers = [stream.result() for stream in streams]
+        assert engine.stats.parked >= 1
+        assert engine.stats.kv_slots_peak_bytes <= engine.stats.kv_budget_bytes
+        for (ids, _), answer in zip(requests, answers, strict=True):
+            assert answer.usage.completion_tokens == 100
+            # A resumed row goes on as the model would from its own text: its greedy tokens are the
+            # ones teacher-forced scoring ranks first (a corrupted KV would not be; near-ties may flip,
+            # as its text so far is read again by the prompt kernels).
+            scores = engine.score([*ids, *answer.token_ids])
+            top = scores.top_tokens[len(ids) - 1 :]
+            agreement = sum(a == b for a, b in zip(top, answer.token_ids, strict=True)) / len(top)
+            assert agreement >= 0.9, agreement
+    finally:
+        engine.close()

@@ -85,6 +85,43 @@ def test_the_buffer_holds_the_slots_in_use_and_shrinks_when_idle(decoder: Decode
     assert decoder.rows == 1 and decoder.nbytes == one_slot
 
 
+def test_a_row_moved_to_a_lower_slot_and_the_buffer_cut_to_it_decodes_on(decoder: Decoder) -> None:
+    prompt = PROMPTS[0]
+    alone = greedy_alone(decoder, prompt, 6)
+    decoder.shrink()
+    token = int(np.argmax(decoder.extend(3, 0, prompt)))
+    assert decoder.rows == 4
+    decoder.move_slot(3, 0, len(prompt))
+    decoder.max_bytes = decoder.bytes_for(1, len(prompt) + 6)
+    try:
+        decoder.reserve(1, len(prompt) + 6)  # over max_bytes; slots 1-3 hold nothing now: cut to one
+        assert decoder.rows == 1 and decoder.nbytes <= decoder.max_bytes
+        tokens = [token]
+        for step in range(5):
+            token = int(np.argmax(decoder.decode({0: token}, [len(prompt) + step], pad=0)[0]))
+            tokens.append(token)
+    finally:
+        decoder.max_bytes = None
+    assert tokens == alone
+
+
+def test_growth_stays_within_max_bytes_but_what_is_asked_for_is_given(decoder: Decoder) -> None:
+    decoder.shrink()
+    decoder.max_bytes = decoder.bytes_for(2, 1280)
+    try:
+        decoder.ensure(1, 1000)  # two slots of 1,024 tokens: within max_bytes
+        assert (decoder.rows, decoder.capacity) == (2, 1024)
+        decoder.ensure(1, 1100)  # half again (1,536) would not fit: 1,280, the least room asked for
+        assert (decoder.rows, decoder.capacity) == (2, 1280) and decoder.nbytes <= decoder.max_bytes
+        decoder.ensure(3, 1100)  # four slots do not fit: given all the same (the batcher keeps within it)
+        assert (decoder.rows, decoder.capacity) == (4, 1280) and decoder.peak_bytes == decoder.nbytes
+        decoder.reserve(2, 1100)  # over max_bytes, and less asked for: cut back within it
+        assert (decoder.rows, decoder.capacity) == (2, 1280) and decoder.nbytes <= decoder.max_bytes
+    finally:
+        decoder.max_bytes = None
+        decoder.shrink()
+
+
 def test_gpu_builds_and_unknown_inputs_are_left_to_onnx_runtime_genai(onnx_int4: Path) -> None:
     config = json.loads((onnx_int4 / "genai_config.json").read_text())
     cuda = json.loads(json.dumps(config))

@@ -328,3 +328,30 @@ def test_a_temperature_near_zero_samples_the_greedy_answer(engine) -> None:
     prompt = engine.render_chat(SPAIN)
     tiny = SamplingParams(temperature=1e-320, max_tokens=40, seed=3)
     assert engine.generate(prompt, tiny).text == engine.generate(prompt, GREEDY).text
+
+
+def test_the_kv_buffer_stays_within_its_budget_and_parked_requests_answer_as_alone(onnx_int4) -> None:
+    from slmflow.generation.engine import EngineOptions, GenerationEngine
+
+    # The smallest budget: one request at the full context (2,048 positions). Four requests of 700
+    # tokens sent together outgrow it: the newest are parked and resume by reading their prompt and
+    # answer so far again. The oldest is never parked, so its seeded sample is as alone too.
+    engine = GenerationEngine(onnx_int4, EngineOptions(kv_cache_bytes=1))
+    try:
+        assert engine.scheduler == "continuous"
+        layout = engine._batcher.decoder.layout
+        assert engine.stats.kv_budget_bytes == engine.context_length * layout.bytes_per_token
+        long = SamplingParams(temperature=0.0, max_tokens=700, min_tokens=700)
+        seeded = SamplingParams(temperature=1.2, seed=5, max_tokens=700, min_tokens=700)
+        requests = [
+            (engine.encode(engine.render_chat(q)), seeded if i == 0 else long) for i, q in enumerate(QUESTIONS[:4])
+        ]
+        alone = [engine.generate(prompt, params) for prompt, params in requests]
+        assert engine.stats.parked == 0
+        with engine_held(engine):
+            streams = engine.submit_all(requests)
+        assert [s.result() for s in streams] == alone
+        assert engine.stats.parked >= 1, "four 700-token requests fit a 2,048-position budget?"
+        assert engine.stats.kv_slots_peak_bytes <= engine.stats.kv_budget_bytes
+    finally:
+        engine.close()

@@ -7,6 +7,11 @@ steps; none waits for a running batch to end, and no running row is re-read when
 
 Prefix reuse: when a request ends, the KV of its prompt is kept (generation/prefix_cache.py). A
 newcomer whose prompt starts the same way gets that KV copied into its slot and reads only the rest.
+
+Memory: the KV buffer stays within the decoder's max_bytes. When the next step would not fit, the
+newest requests are parked (their KV dropped, their tokens so far kept) until it does, and resume,
+oldest first, by reading their prompt and answer so far again when they fit: the oldest request
+always runs, and a lone request always fits (the engine sizes the budget so).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class Row(Protocol):
     finished: bool
     cached_tokens: int
     request: Any
+    tokens: list[int]  # generated so far
 
     @property
     def generated(self) -> int: ...
@@ -50,6 +56,7 @@ class _Live:
     length: int = 0  # tokens whose KV is in the slot
     todo: list[int] | None = None  # prompt tokens still to read
     next_token: int | None = None  # sampled, to be read by the next decode step
+    resume: int | None = None  # a parked row's next token, to decode once its tokens are read again
 
     @property
     def prompt(self) -> list[int]:
@@ -78,31 +85,34 @@ class ContinuousBatcher:
         self.prefix_min_tokens = prefix_min_tokens
         self.stats = stats
         self._live: list[_Live] = []
+        self._parked: list[_Live] = []  # oldest first; they hold no slot
 
     @property
     def idle(self) -> bool:
-        return not self._live
+        return not self._live and not self._parked
 
     @property
     def free_slots(self) -> int:
-        return self.decoder.slots - len(self._live)
+        """Slots for newcomers: none while parked rows wait (they go first)."""
+        return 0 if self._parked else self.decoder.slots - len(self._live)
 
     def admit(self, rows: Sequence[Row]) -> None:
-        """Give each row a slot, and the KV of the longest kept prefix of its prompt."""
-        used = {live.slot for live in self._live}
-        free = (slot for slot in range(self.decoder.slots) if slot not in used)
+        """Take rows (at most free_slots): each gets a slot, and the KV of the longest kept prefix of
+        its prompt, at the next step where it fits."""
         for row in rows:
-            live = _Live(row, next(free), Sampler(row.request.params, self.eos))
-            live.todo = list(live.prompt)
-            self._reuse(live)
-            self._live.append(live)
-        self.stats.running = len(self._live)
-        self.stats.prefix_cache_bytes = self.prefixes.nbytes
+            self._parked.append(
+                _Live(row, -1, Sampler(row.request.params, self.eos), todo=list(row.request.prompt_ids))
+            )
+
+    def _free_slot(self) -> int | None:
+        used = {live.slot for live in self._live}
+        return next((slot for slot in range(self.decoder.slots) if slot not in used), None)
 
     def step(self) -> None:
         """Read prompt tokens, then decode one token for every row whose prompt is read."""
         try:
             self._drop_cancelled()
+            self._make_room()
             self._prefill()
             self._decode()
         except Exception as e:
@@ -118,24 +128,90 @@ class ContinuousBatcher:
         self._retire()
 
     def fail_all(self, error: Exception) -> None:
-        for live in self._live:
+        for live in self._live + self._parked:
             live.row.request.put("error", error)
-        self._live = []
+        self._live, self._parked = [], []
+
+    # --- memory --------------------------------------------------------------------------------
+
+    def _make_room(self) -> None:
+        """Fit this step's KV within the decoder's max_bytes: resume parked rows that fit, oldest
+        first; park the newest running rows while the step does not fit."""
+        while self._parked and (slot := self._free_slot()) is not None:
+            live = self._parked[0]
+            live.slot = slot
+            if self._live and not self._fits(self._live, also=live):
+                live.slot = -1
+                break
+            self._live.append(self._parked.pop(0))
+            self._reuse(live)
+        self.stats.prefix_cache_bytes = self.prefixes.nbytes
+        while self._live and not self._fits(self._live):
+            if self._compact():
+                continue
+            if len(self._live) == 1:
+                break  # a lone row always runs (the engine makes max_bytes hold one at full length)
+            self._park(max(self._live, key=lambda live: live.row.request.number))
+        if self._live:
+            self.decoder.reserve(*self._shape(self._live))
+        self.stats.running = len(self._live)
+
+    def _shape(self, rows: list[_Live]) -> tuple[int, int]:
+        """(slots, tokens per slot) that `rows` need for one step: what they hold, the prompt chunk
+        each may read, and one decoded token."""
+        tokens = max(live.length + min(len(live.todo or ()), self.prefill_chunk) + 1 for live in rows)
+        return max(live.slot for live in rows) + 1, tokens
+
+    def _fits(self, rows: list[_Live], also: _Live | None = None) -> bool:
+        """Whether `rows` fit for a step, with `also` (parked, to resume) holding all it has to read
+        (a kept prefix may be written at once; and it would be parked again at once otherwise)."""
+        limit = self.decoder.max_bytes
+        if limit is None:
+            return True
+        slots, tokens = self._shape(rows if also is None else [*rows, also])
+        if also is not None:
+            tokens = max(tokens, len(also.todo or ()) + 1)
+        return self.decoder.bytes_for(slots, tokens) <= limit
+
+    def _compact(self) -> bool:
+        """Move the row in the highest slot to the lowest free one, if lower: the buffer holds every
+        slot up to the highest one used."""
+        top = max(self._live, key=lambda live: live.slot)
+        free = self._free_slot()
+        if free is None or free > top.slot:
+            return False
+        self.decoder.move_slot(top.slot, free, top.length)
+        top.slot = free
+        return True
+
+    def _park(self, live: _Live) -> None:
+        """Drop the row's KV, keeping what it must read again to go on: its prompt and its tokens so
+        far but the last (sampled, not yet read)."""
+        if live.next_token is not None:
+            live.todo, live.resume = live.prompt + live.row.tokens[:-1], live.next_token
+        else:
+            live.todo = list(live.prompt)  # its prompt was not read whole: read it again
+        live.length, live.next_token, live.slot = 0, None, -1
+        self._live.remove(live)
+        self._parked.append(live)
+        self._parked.sort(key=lambda parked: parked.row.request.number)
+        self.stats.parked += 1
 
     # --- prompt reading ------------------------------------------------------------------------
 
     def _reuse(self, live: _Live) -> None:
-        prompt = live.prompt
-        if len(prompt) <= self.prefix_min_tokens or not len(self.prefixes):
+        todo = live.todo or []
+        if len(todo) <= self.prefix_min_tokens or not len(self.prefixes):
             return
-        found = self.prefixes.find(prompt, self.prefix_min_tokens)
+        found = self.prefixes.find(todo, self.prefix_min_tokens)
         if found is None:
             self.stats.prefix_misses += 1
             return
         kv, reused = found
         self.decoder.write_slot(live.slot, kv, reused)
-        live.length, live.todo = reused, prompt[reused:]
-        live.row.cached_tokens = reused
+        live.length, live.todo = reused, todo[reused:]
+        if live.resume is None:  # usage counts the prompt's first read, not a parked row's re-read
+            live.row.cached_tokens = reused
         self.stats.prefix_hits += 1
         self.stats.prefix_cached_tokens += reused
 
@@ -160,7 +236,7 @@ class ContinuousBatcher:
             self._read(sum(map(len, prompts)), positions=len(group) * max(map(len, prompts)))
             for live, prompt, row_logits in zip(group, prompts, logits, strict=True):
                 live.length, live.todo = len(prompt), None
-                self._sampled(live, row_logits)
+                self._read_whole(live, row_logits)
             if budget is not None:
                 return
         reading = sorted((live for live in reading if live.todo), key=lambda live: len(live.todo or ()))
@@ -172,11 +248,18 @@ class ContinuousBatcher:
             live.length += len(chunk)
             live.todo = todo[len(chunk) :] or None
             if live.todo is None:
-                self._sampled(live, logits)
+                self._read_whole(live, logits)
             if budget is not None:
                 budget -= len(chunk)
                 if budget <= 0:
                     return
+
+    def _read_whole(self, live: _Live, logits: Any) -> None:
+        """A row's tokens are all read: sample its next one, or go on with the one it had when parked."""
+        if live.resume is None:
+            self._sampled(live, logits)
+        else:
+            live.next_token, live.resume = live.resume, None
 
     def _read(self, tokens: int, *, positions: int) -> None:
         """Count prompt tokens read, and the positions computed to read them (padding included)."""
@@ -229,9 +312,10 @@ class ContinuousBatcher:
             live.next_token = token
 
     def _drop_cancelled(self) -> None:
-        for live in self._live:
+        for live in self._live + self._parked:
             if live.row.request.cancelled.is_set() and not live.row.finished:
                 live.row.step(0, self.eos)
+        self._parked = [live for live in self._parked if not live.row.finished]
 
     def _retire(self) -> None:
         """Free the slots of finished rows."""
@@ -243,6 +327,7 @@ class ContinuousBatcher:
         if not self._live:
             self.decoder.shrink()
         self.stats.kv_slots_bytes = self.decoder.nbytes
+        self.stats.kv_slots_peak_bytes = self.decoder.peak_bytes
 
     def _ended(self, live: _Live) -> None:
         """A row ended: if it ended well, keep its prompt's KV. After its caller has its answer (the

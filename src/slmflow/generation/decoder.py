@@ -100,6 +100,7 @@ class Decoder:
         threads: int,
         max_capacity: int,
         prefill_file: Path | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         import numpy as np
         import onnxruntime as ort
@@ -117,7 +118,11 @@ class Decoder:
         self._output_names = [output.name for output in self._prompt_session.get_outputs()]  # runs by name
         self.slots = slots
         self.max_capacity = max_capacity
+        # The buffer grows with slack (fewer copies) only within this many bytes; what a caller asks
+        # for is always given (the batcher keeps its asks within them).
+        self.max_bytes = max_bytes
         self.rows = self.capacity = 0
+        self.peak_bytes = 0  # the largest the buffer has been
         self._keys: list[Any] = []
         self._values: list[Any] = []
         self._resize(1, min(CAPACITY_STEP, max_capacity))
@@ -154,20 +159,40 @@ class Decoder:
     def nbytes(self) -> int:
         return self.rows * self.capacity * self.layout.bytes_per_token
 
+    def bytes_for(self, rows: int, tokens: int) -> int:
+        """The smallest buffer with `rows` slots of room for `tokens` tokens."""
+        return rows * self._capacity_for(tokens) * self.layout.bytes_per_token
+
     def ensure(self, slot: int, tokens: int) -> None:
-        """Room for slot `slot`, and for `tokens` tokens in every slot (contents kept). The buffer
-        holds the slots up to the highest one used, each as long as the longest row: a lone long
-        conversation costs one slot's worth, not max_batch_size slots'."""
-        rows, capacity = self.rows, self.capacity
-        if slot >= rows:
-            rows = min(self.slots, max(slot + 1, 2 * rows))
+        """Room for slot `slot`, and for `tokens` tokens in every slot (contents kept)."""
+        self.reserve(max(slot + 1, self.rows), max(tokens, self.capacity))
+
+    def reserve(self, rows: int, tokens: int) -> None:
+        """Room for `rows` slots of `tokens` tokens each, contents kept. The caller says that no slot
+        above `rows` holds anything and none holds more than `tokens` tokens: the buffer may shrink
+        to that when it has to change. It holds the slots up to the highest one used, each as long as
+        the longest row (a lone long conversation costs one slot's worth, not max_batch_size
+        slots'), with slack for growth while it stays within max_bytes."""
+        if rows <= self.rows and tokens <= self.capacity:
+            # Nothing to grow: shrink only to come back within max_bytes (after rows were parked).
+            smallest = (rows, self._capacity_for(tokens))
+            if self.max_bytes is None or self.nbytes <= self.max_bytes or smallest == (self.rows, self.capacity):
+                return
+            self._resize(*smallest)
+            return
+        grown_rows = min(self.slots, max(rows, 2 * self.rows)) if rows > self.rows else rows
+        capacity = self.capacity
         if tokens > capacity:
             # By half again at least: a growing conversation would otherwise copy every slot's KV
             # each CAPACITY_STEP tokens.
-            wanted = max(tokens, capacity * 3 // 2)
-            capacity = min(-(-wanted // CAPACITY_STEP) * CAPACITY_STEP, max(self.max_capacity, tokens))
-        if (rows, capacity) != (self.rows, self.capacity):
-            self._resize(rows, capacity)
+            capacity = self._capacity_for(max(tokens, capacity * 3 // 2))
+        if self.max_bytes is not None and grown_rows * capacity * self.layout.bytes_per_token > self.max_bytes:
+            room = self.max_bytes // (rows * self.layout.bytes_per_token) // CAPACITY_STEP * CAPACITY_STEP
+            grown_rows, capacity = rows, max(self._capacity_for(tokens), min(capacity, room))
+        self._resize(grown_rows, capacity)
+
+    def _capacity_for(self, tokens: int) -> int:
+        return min(_steps(tokens), max(self.max_capacity, tokens))
 
     def shrink(self) -> None:
         """Give back a grown buffer's memory (call when no slot holds anything)."""
@@ -179,10 +204,12 @@ class Decoder:
         np, shape = self._np, (rows, self.layout.kv_heads, capacity, self.layout.head_size)
         keys = [np.zeros(shape, np.float32) for _ in range(self.layout.layers)]
         values = [np.zeros(shape, np.float32) for _ in range(self.layout.layers)]
-        if self.rows:
+        if self.rows:  # what lies beyond the new shape holds nothing (reserve's caller says so)
+            kept, length = min(rows, self.rows), min(capacity, self.capacity)
             for old, new in zip(self._keys + self._values, keys + values, strict=True):
-                new[: self.rows, :, : self.capacity] = old
+                new[:kept, :, :length] = old[:kept, :, :length]
         self._keys, self._values, self.rows, self.capacity = keys, values, rows, capacity
+        self.peak_bytes = max(self.peak_bytes, self.nbytes)
         self._bindings: dict[int, tuple[tuple[int, int], Any]] = {}  # by session; the old buffers are gone
 
     def read_slot(self, slot: int, length: int) -> Any:
@@ -200,6 +227,11 @@ class Decoder:
         for layer, (k, v) in enumerate(zip(self._keys, self._values, strict=True)):
             k[slot, :, :length] = kv[layer, 0, :, :length]
             v[slot, :, :length] = kv[layer, 1, :, :length]
+
+    def move_slot(self, source: int, target: int, length: int) -> None:
+        """Move the first `length` tokens' KV of slot `source` into slot `target`."""
+        for buffer in self._keys + self._values:
+            buffer[target, :, :length] = buffer[source, :, :length]
 
     # --- running the graph ---------------------------------------------------------------------
 
@@ -320,6 +352,11 @@ class Decoder:
 
 
 POSITIONS = "logits_positions"
+
+
+def _steps(tokens: int) -> int:
+    """`tokens` rounded up to whole CAPACITY_STEPs."""
+    return -(-tokens // CAPACITY_STEP) * CAPACITY_STEP
 
 
 def _with_position_selection(model_file: Path, layout: Layout) -> bytes | None:

@@ -67,6 +67,10 @@ class EngineOptions:
     # prefix_min_tokens are cheap to read again and are not kept.
     prefix_cache_bytes: int = 1 << 30
     prefix_min_tokens: int = 256
+    # Continuous scheduler: the running requests' KV buffer stays within this many bytes; requests
+    # wait (or the newest running ones are parked and resume later) while it would not. None: a
+    # quarter of the machine's memory. Never less than one request at the full context length.
+    kv_cache_bytes: int | None = None
     # Continuous scheduler: read prompts with the model folder's prefill graph (prefill.onnx, see
     # prefill_graph.py) where it has one.
     prefill_graph: bool = True
@@ -390,6 +394,7 @@ class GenerationEngine:
                     self.context_length,
                     prefill_file=prefill if use_prefill else None,
                 )
+                decoder.max_bytes = self.stats.kv_budget_bytes = self._kv_budget(decoder)
             except UnsupportedGraph as e:
                 if self.options.scheduler == "continuous":
                     raise SlmflowError(f"the continuous scheduler cannot run this model: {e}") from None
@@ -408,6 +413,17 @@ class GenerationEngine:
             self.genai_model()
         wait = self.options.batch_wait_s
         self._batch_wait_s = wait if wait is not None else (0.0 if self._batcher is not None else 0.005)
+
+    def _kv_budget(self, decoder: Decoder) -> int:
+        """The KV buffer's limit: as asked (default: a quarter of the machine's memory), but room for
+        one request at the full context length at least, so that any request can run alone."""
+        asked = self.options.kv_cache_bytes
+        if asked is None:
+            asked = _memory_bytes() // 4
+        lone = decoder.bytes_for(1, self.context_length)
+        if asked < lone:
+            log.info("KV budget raised from %d to %d bytes: one request at the full context", asked, lone)
+        return max(asked, lone)
 
     # --- continuous scheduler (owner thread) ------------------------------------------------------
 
@@ -748,6 +764,11 @@ class EngineStats:
     prefix_cached_tokens: int = 0
     prefix_cache_bytes: int = 0
     kv_slots_bytes: int = 0  # the continuous scheduler's KV buffer
+    kv_slots_peak_bytes: int = 0  # ... the largest it has been
+    kv_budget_bytes: int = 0  # ... and what it may take
+    # Running requests parked to keep the KV buffer within its budget (they resume by reading their
+    # prompt and answer so far again).
+    parked: int = 0
     # Requests by how they ended: stop, length, cancelled (by their caller, queued or running), error.
     finished: Counter[str] = field(default_factory=Counter)
 
@@ -782,6 +803,16 @@ def _batch_key(request: _Request) -> tuple:
     if p.seed is not None:
         return ("seeded", request.number)
     return ("sample", p.temperature, p.top_p, p.top_k, p.min_tokens)
+
+
+def _memory_bytes() -> int:
+    """The machine's memory, or the container's limit (cgroup v2) where lower."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+    except OSError:
+        return memory
+    return min(memory, int(limit)) if limit.isdigit() else memory
 
 
 def _search_options(p: SamplingParams, batch_size: int, width: int, new_tokens: int, at_least: int) -> dict[str, Any]:

@@ -36,6 +36,7 @@ ENGINE_OPTIONS: dict[str, int | str] = {
     "scheduler": EngineOptions.scheduler,
     "prefill_chunk": EngineOptions.prefill_chunk,
     "prefix_cache_bytes": EngineOptions.prefix_cache_bytes,
+    "kv_cache_bytes": 0,  # 0: the engine's default (a quarter of the machine's memory)
 }
 # What of slmflow the model needs at load time, copied into the model as code.
 _CODE_PARTS = ("__init__.py", "errors.py", "generation", "onnx_genai")
@@ -228,6 +229,7 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None):
     options = {key: config.pop(key) for key in ENGINE_OPTIONS if key in config}
     # 0 threads: every core this process may use (the engine's own default).
     options["intra_op_threads"] = options.get("intra_op_threads") or None
+    options["kv_cache_bytes"] = options.get("kv_cache_bytes") or None
     pyfunc = OnnxGenAIPyfunc(GenerationEngine(path, EngineOptions(**options)), task=task, defaults=config)
     # The engine's owner thread keeps the engine alive: close it once MLflow drops the model, or
     # every reload (spark_udf loads the model in each task in local mode) keeps one more in memory.

@@ -93,6 +93,19 @@ _ENGINE_METRICS: list[tuple[type[GaugeMetricFamily | CounterMetricFamily], str, 
         "KV buffer of the running requests (continuous scheduler): slots in use x the longest row",
         "kv_slots_bytes",
     ),
+    (GaugeMetricFamily, "slmflow_kv_slots_peak_bytes", "The largest the KV buffer has been", "kv_slots_peak_bytes"),
+    (
+        GaugeMetricFamily,
+        "slmflow_kv_budget_bytes",
+        "What the KV buffer may take (continuous scheduler)",
+        "kv_budget_bytes",
+    ),
+    (
+        CounterMetricFamily,
+        "slmflow_parked_requests",
+        "Running requests parked to keep the KV buffer within its budget (they resume later)",
+        "parked",
+    ),
 ]
 
 

@@ -39,6 +39,12 @@ class ServerSettings(BaseSettings):
         ge=0,
         description="KV cache kept for prefix reuse (conversations that continue), in MB; 0: off; default: 1024.",
     )
+    kv_cache_mb: int | None = Field(
+        None,
+        ge=1,
+        description="KV cache of the running requests, in MB (continuous scheduler): requests wait, or the "
+        "newest are parked and resume later, while it would not fit; default: a quarter of the memory.",
+    )
     request_timeout: float = Field(600.0, gt=0, description="Seconds a completion may take, queueing included.")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Larger request bodies are refused with 413.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
