@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -140,3 +141,27 @@ def test_a_request_over_its_time_is_a_504_and_stops_generating(impatient_server:
     assert impatient_server.client().chat.completions.create(model="tiny", messages=SPAIN).choices[0].message.content
     assert ended(impatient_server, "cancelled") - cancelled == 2
     assert ended(impatient_server, "length") == ran_out, "a timed-out request ran to its end"
+
+
+@pytest.fixture(scope="module")
+def frugal_server(onnx_model_path: Path) -> Iterator[LiveServer]:
+    """A KV budget of 1 MB: raised to one request at the fixture's full context (2,048 positions)."""
+    yield from serve(ServerSettings(model_uri=str(onnx_model_path), kv_cache_mb=1))
+
+
+def test_requests_outgrowing_the_kv_budget_are_parked_and_all_finish(frugal_server: LiveServer) -> None:
+    engine = frugal_server.state.backend.engine
+    assert engine.options.kv_cache_bytes == 2**20
+    layout = engine._batcher.decoder.layout
+    assert frugal_server.metric("slmflow_kv_budget_bytes") == engine.context_length * layout.bytes_per_token
+    # Two long requests together outgrow 2,048 positions halfway: the newer one is parked, and resumes
+    # when the older one ends.
+    with engine_held(engine) as release, ThreadPoolExecutor(2) as pool:
+        sent = [pool.submit(httpx.post, f"{frugal_server.url}{CHAT}", json=long_request(), timeout=120) for _ in "ab"]
+        assert wait_until(lambda: engine.stats.queue_depth == 2, 30)
+        release()
+        responses = [future.result() for future in sent]
+    assert [r.status_code for r in responses] == [200, 200]
+    assert [r.json()["usage"]["completion_tokens"] for r in responses] == [LONG, LONG]
+    assert frugal_server.metric("slmflow_parked_requests_total") >= 1
+    assert frugal_server.metric("slmflow_kv_slots_peak_bytes") <= frugal_server.metric("slmflow_kv_budget_bytes")
