@@ -355,3 +355,25 @@ def test_the_kv_buffer_stays_within_its_budget_and_parked_requests_answer_as_alo
         assert engine.stats.kv_slots_peak_bytes <= engine.stats.kv_budget_bytes
     finally:
         engine.close()
+
+
+def test_a_request_parked_again_while_it_reads_its_answer_again_goes_on_as_alone(onnx_int4) -> None:
+    from slmflow.generation.engine import EngineOptions, GenerationEngine
+
+    # Within 2,048 positions: the third request is parked when the first two outgrow the budget; it
+    # resumes when the first ends, and reading its answer so far again 16 tokens a step, it is parked
+    # again as the second grows. It must go on from all of its answer so far, not from its prompt.
+    engine = GenerationEngine(onnx_int4, EngineOptions(kv_cache_bytes=1, prefill_chunk=16))
+    try:
+        lengths = (1000, 1900, 1900)
+        requests = [
+            (engine.encode(engine.render_chat(q)), SamplingParams(temperature=0.0, max_tokens=n, min_tokens=n))
+            for q, n in zip(QUESTIONS, lengths, strict=False)
+        ]
+        alone = [engine.generate(prompt, params) for prompt, params in requests]
+        with engine_held(engine):
+            streams = engine.submit_all(requests)
+        assert [s.result() for s in streams] == alone
+        assert engine.stats.parked >= 2
+    finally:
+        engine.close()

@@ -186,11 +186,11 @@ class ContinuousBatcher:
 
     def _park(self, live: _Live) -> None:
         """Drop the row's KV, keeping what it must read again to go on: its prompt and its tokens so
-        far but the last (sampled, not yet read)."""
+        far but the last, which it goes on with (sampled, not yet read; or, for a row parked again
+        while reading them again, the one it had)."""
         if live.next_token is not None:
-            live.todo, live.resume = live.prompt + live.row.tokens[:-1], live.next_token
-        else:
-            live.todo = list(live.prompt)  # its prompt was not read whole: read it again
+            live.resume = live.next_token
+        live.todo = live.prompt + live.row.tokens[:-1]
         live.length, live.next_token, live.slot = 0, None, -1
         self._live.remove(live)
         self._parked.append(live)
