@@ -219,7 +219,7 @@ def test_scorer_isolates_bad_rows_batches_the_rest_and_respects_the_queue(onnx_i
     engines = [GenerationEngine(onnx_int4), GenerationEngine(onnx_int4, EngineOptions(max_queue=4))]
     try:
         unbounded, queue_of_4 = (BatchScorer(OnnxGenAIPyfunc(e, task="prompt")).predict(frame, GREEDY) for e in engines)
-        # 16 rows submitted together run as 2 batches of 8 (one by one, they would take 16).
+        # 16 rows submitted together run batched (one by one, they would take 16 batches).
         assert engines[0].stats.batched_requests == 16 and engines[0].stats.batches <= 4, engines[0].stats
         assert unbounded == queue_of_4, "chunking to the queue's size changed answers"
         records = [json.loads(r) for r in unbounded]

@@ -122,7 +122,7 @@ def registered_model_uri(onnx_int4: Path) -> str:
 
 @pytest.fixture(scope="session")
 def server(onnx_model_path: Path) -> Iterator[LiveServer]:
-    """Default limits (batches of 8); the model loaded by the app itself at startup."""
+    """Default limits (batches of 16); the model loaded by the app itself at startup."""
     yield from serve(ServerSettings(model_uri=str(onnx_model_path), model_name="tiny"))
 
 

@@ -44,7 +44,10 @@ _ids = itertools.count()
 
 @dataclass(frozen=True)
 class EngineOptions:
-    max_batch_size: int = 8
+    # Rows generated together. 16 rather than 8 (measured, SmolLM2 int8, 16 prompts at once, 64
+    # tokens each): aggregate 341 vs 298 tokens/s, time to first token median 0.52 vs 1.42 s, max
+    # 0.84 vs 2.23 s; fewer requests run as they would alone. Memory: see kv_cache_bytes.
+    max_batch_size: int = 16
     max_queue: int = 256  # waiting requests; more are refused with Overloaded
     intra_op_threads: int | None = None  # None: every core this process may use
     # A new batch waits while requests keep arriving (each within batch_wait_s of the previous one),

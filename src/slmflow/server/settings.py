@@ -22,7 +22,7 @@ class ServerSettings(BaseSettings):
         None, min_length=1, description="Require `Authorization: Bearer <key>` (all but /health)."
     )
     max_batch_size: int = Field(
-        8, ge=1, description="Requests generated together (the continuous scheduler's KV slots)."
+        16, ge=1, description="Requests generated together (the continuous scheduler's KV slots)."
     )
     scheduler: Literal["auto", "continuous", "genai"] = Field(
         "auto",
