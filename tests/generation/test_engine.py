@@ -377,3 +377,27 @@ def test_a_request_parked_again_while_it_reads_its_answer_again_goes_on_as_alone
         assert engine.stats.parked >= 2
     finally:
         engine.close()
+
+
+def test_long_prompts_sent_together_are_read_one_after_the_other(onnx_int4) -> None:
+    from slmflow.generation.engine import EngineOptions, GenerationEngine
+
+    # Prompts longer than a chunk are read a chunk per step, shortest first, even when nothing
+    # decodes yet: the first one's first token comes before the others are read (a chunk of each per
+    # step gave every one its first token only once all were read), and answers are as alone.
+    engine = GenerationEngine(onnx_int4, EngineOptions(prefill_chunk=16))
+    try:
+        preamble = [{"role": "system", "content": "You answer questions about capitals. " * 6}]
+        prompts = [engine.encode(engine.render_chat([*preamble, *q])) for q in QUESTIONS[:3]]
+        assert min(map(len, prompts)) > 3 * 16
+        alone = [engine.generate(prompt, GREEDY) for prompt in prompts]
+        read_at_first_token: list[int] = []
+        before = engine.stats.prompt_tokens
+        with engine_held(engine):
+            streams = engine.submit_all([(prompt, GREEDY) for prompt in prompts])
+            first = streams[0]
+            first.listen(lambda: read_at_first_token.append(engine.stats.prompt_tokens - before))
+        assert [s.result() for s in streams] == alone
+        assert read_at_first_token[0] < sum(map(len, prompts)) - 16
+    finally:
+        engine.close()

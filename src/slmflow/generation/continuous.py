@@ -218,7 +218,12 @@ class ContinuousBatcher:
     def _prefill(self) -> None:
         """Read prompts: fresh ones of about the same length together, the others a chunk at a time
         at batch size 1. While rows are decoding, about one chunk's worth per step, so their answers
-        keep coming. Shortest first: the most requests get their first token soonest."""
+        keep coming. Shortest first: the most requests get their first token soonest. Long prompts
+        one chunk per step even when nothing decodes: a chunk of each per step gave every prompt its
+        first token only at the end of the whole read. Measured, SmolLM2 int8, 16 prompts of 1,500
+        tokens at once (same process, 2 rounds): median time to first token 24.6-28.2 s before,
+        15.5-16.8 s one after the other (the first decodes while the next are read); total time
+        42.2-47.1 s before, 38.8-41.9 s after."""
         reading = [live for live in self._live if live.todo]
         if not reading:
             return
@@ -240,19 +245,19 @@ class ContinuousBatcher:
             if budget is not None:
                 return
         reading = sorted((live for live in reading if live.todo), key=lambda live: len(live.todo or ()))
+        budget = self.prefill_chunk if budget is None else budget
         for live in reading:
             todo = live.todo or []
-            chunk = todo[: self.prefill_chunk if budget is None else max(1, min(budget, self.prefill_chunk))]
+            chunk = todo[: max(1, min(budget, self.prefill_chunk))]
             logits = self.decoder.extend(live.slot, live.length, chunk)
             self._read(len(chunk), positions=len(chunk))
             live.length += len(chunk)
             live.todo = todo[len(chunk) :] or None
             if live.todo is None:
                 self._read_whole(live, logits)
-            if budget is not None:
-                budget -= len(chunk)
-                if budget <= 0:
-                    return
+            budget -= len(chunk)
+            if budget <= 0:
+                return
 
     def _read_whole(self, live: _Live, logits: Any) -> None:
         """A row's tokens are all read: sample its next one, or go on with the one it had when parked."""
