@@ -100,7 +100,6 @@ class Decoder:
         threads: int,
         max_capacity: int,
         prefill_file: Path | None = None,
-        max_bytes: int | None = None,
     ) -> None:
         import numpy as np
         import onnxruntime as ort
@@ -118,9 +117,9 @@ class Decoder:
         self._output_names = [output.name for output in self._prompt_session.get_outputs()]  # runs by name
         self.slots = slots
         self.max_capacity = max_capacity
-        # The buffer grows with slack (fewer copies) only within this many bytes; what a caller asks
-        # for is always given (the batcher keeps its asks within them).
-        self.max_bytes = max_bytes
+        # The buffer grows with slack (fewer copies) only within this many bytes, set by its owner;
+        # what a caller asks for is always given (the batcher keeps its asks within them).
+        self.max_bytes: int | None = None
         self.rows = self.capacity = 0
         self.peak_bytes = 0  # the largest the buffer has been
         self._keys: list[Any] = []
