@@ -809,8 +809,12 @@ def _batch_key(request: _Request) -> tuple:
 
 
 def _memory_bytes() -> int:
-    """The machine's memory, or the container's limit (cgroup v2) where lower."""
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """The machine's memory, or the container's limit (cgroup v2) where lower; 16 GiB where the
+    system does not say (os.sysconf is POSIX-only)."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 16 << 30
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
     except OSError:
