@@ -245,10 +245,11 @@ class ContinuousBatcher:
             if budget is not None:
                 return
         reading = sorted((live for live in reading if live.todo), key=lambda live: len(live.todo or ()))
-        budget = self.prefill_chunk if budget is None else budget
+        # A whole chunk's worth: while rows decode, the fresh reads above returned if they read any.
+        budget = self.prefill_chunk
         for live in reading:
             todo = live.todo or []
-            chunk = todo[: max(1, min(budget, self.prefill_chunk))]
+            chunk = todo[:budget]
             logits = self.decoder.extend(live.slot, live.length, chunk)
             self._read(len(chunk), positions=len(chunk))
             live.length += len(chunk)
