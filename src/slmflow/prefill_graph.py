@@ -4,9 +4,12 @@ Why: ONNX Runtime's MatMulNBits (the builder's int4/int8 weights, accuracy level
 512-token prompt of SmolLM2-135M no faster than float32 weights do (about 690 tokens/s each, same
 run, 2 cores). MatMulInteger (uint8 x int8, VNNI) is about 1.6x faster there. One int8 scale per token
 for the activations cost +3.4% perplexity, though: a few input channels of each matrix carry values
-far above the rest. So those channels (OUTLIER_CHANNELS per matrix, the largest on a calibration
-text) stay float32 in a small MatMul beside the integer one, and the rest get one scale per token.
-Weights get one int8 scale per output channel, from the builder's own (dequantized) weights.
+far above the rest. So each input channel is divided by a smoothing factor and the matrix's row for
+it multiplied by the same (SmoothQuant, Xiao et al. 2023: the product is unchanged, the activations'
+outliers move into the weights, which take them better). The factor is peak(x)^alpha /
+peak(w)^(1 - alpha) per channel, alpha chosen per input (from ALPHAS) for the smallest error of the
+quantized product on a sample of the calibration text's activations. Weights get one int8 scale per
+output channel, from the builder's own (dequantized) weights.
 
 Decoding stays on the builder's graph: at one token per row, the extra quantizing ops cost more than
 they save (66 vs 127 tokens/s for one stream). The LM head stays a MatMulNBits: reading a prompt
@@ -23,6 +26,7 @@ import contextlib
 import json
 import re
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,8 @@ from slmflow.errors import SlmflowError
 from slmflow.generation.decoder import PREFILL_FILE, UnsupportedGraph, layout_of
 from slmflow.progress import Progress
 
-OUTLIER_CHANNELS = 16  # input channels per matrix kept in float32
+ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7)  # smoothing strengths tried per input (SmoothQuant used 0.4-0.75)
+SAMPLE_ROWS = 256  # calibration tokens whose activations choose each input's strength
 CALIBRATION_CHUNK = 512  # tokens per calibration run
 DATA_FILE = PREFILL_FILE + ".data"
 
@@ -43,7 +48,6 @@ class PrefillGraphError(SlmflowError):
 def add_prefill_graph(
     folder: Path,
     weights_from: Path | None = None,
-    outliers: int = OUTLIER_CHANNELS,
     progress: Progress | None = None,
 ) -> Path:
     """Write `folder`/prefill.onnx from the folder's decoder graph; its path. The weights (linears
@@ -61,8 +65,8 @@ def add_prefill_graph(
     else:
         finer = _build(weights_from)[2].graph
         weight_of = _weights_of_build(finer, weights_from)
-    peaks = _calibrate(model, folder, layout, linears)
-    _rewrite(model.graph, linears, weight_of, peaks, outliers, progress)
+    activations = _calibrate(model, folder, layout, linears)
+    _rewrite(model.graph, linears, weight_of, activations, progress)
     if weights_from is not None:
         _take_lm_head(model.graph, finer, weights_from)
     target, data = folder / PREFILL_FILE, folder / DATA_FILE
@@ -195,8 +199,9 @@ def _dequantize(node: Any, load: Callable[[str], Any]) -> Any:
     return np.ascontiguousarray(weights.reshape(n, blocks * block)[:, :k].T)
 
 
-def _calibrate(model: Any, folder: Path, layout: Any, linears: list[Any]) -> dict[str, Any]:
-    """Each linear input's largest magnitude per channel, over the calibration text."""
+def _calibrate(model: Any, folder: Path, layout: Any, linears: list[Any]) -> dict[str, Activations]:
+    """Each linear input's activations over the calibration text: peak per channel, and a sample of
+    about SAMPLE_ROWS tokens' rows (float16: a 3.8B model's would take 0.6 GB in float32)."""
     import numpy as np
     import onnxruntime as ort
     import onnxruntime_genai as og
@@ -212,31 +217,42 @@ def _calibrate(model: Any, folder: Path, layout: Any, linears: list[Any]) -> dic
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     text = files("slmflow.data").joinpath("calibration.txt").read_text()
     ids = [int(token) for token in og.Tokenizer(og.Config(str(folder))).encode(text)]
+    every = max(1, len(ids) // SAMPLE_ROWS)
     empty = np.zeros((1, layout.kv_heads, 0, layout.head_size), np.float32)
-    peaks: dict[str, Any] = {}
+    peaks: dict[str, list[Any]] = {name: [] for name in inputs}
+    samples: dict[str, list[Any]] = {name: [] for name in inputs}
     for start in range(0, len(ids), CALIBRATION_CHUNK):
         chunk = np.asarray([ids[start : start + CALIBRATION_CHUNK]], dtype=np.int64)
         feeds = {"input_ids": chunk, "attention_mask": np.ones_like(chunk)}
         for layer in range(layout.layers):
             feeds[layout.key_name % layer] = feeds[layout.value_name % layer] = empty
         for name, value in zip(inputs, session.run(inputs, feeds), strict=True):
-            peak = np.abs(value).reshape(-1, value.shape[-1]).max(axis=0)
-            peaks[name] = np.maximum(peaks[name], peak) if name in peaks else peak
-    return {node.name: peaks[node.input[0]] for node in linears}
+            rows = value.reshape(-1, value.shape[-1])
+            peaks[name].append(np.abs(rows).max(axis=0))
+            samples[name].append(rows[(-start) % every :: every].astype(np.float16))
+    return {name: Activations(np.max(peaks[name], axis=0), np.concatenate(samples[name])) for name in inputs}
+
+
+@dataclass(frozen=True)
+class Activations:
+    """What calibration saw at one linear input."""
+
+    peak: Any  # largest magnitude per channel [K]
+    sample: Any  # some tokens' rows [rows, K], float16
 
 
 def _rewrite(
     graph: Any,
     linears: list[Any],
     weight_of: Callable[[Any], Any],
-    peaks: dict[str, Any],
-    outliers: int,
+    activations: dict[str, Activations],
     progress: Progress | None,
 ) -> None:
-    """Replace each linear with: its outlier channels through a float32 MatMul, plus the others
-    quantized per token (uint8, zero point 128) through MatMulIntegerToFloat. Matrices reading the same
-    input with the same outliers (gate and up projections) share one quantized input. One matrix
-    in float32 at a time: a 3.8B model's would take 15 GB at once."""
+    """Replace each linear with its input divided by the smoothing factors and quantized per token
+    (uint8, zero point 128), through MatMulIntegerToFloat with its smoothed weights (int8, one scale
+    per output channel). Matrices reading the same input (the gate and up projections) share the
+    factors and the quantized input. One input's matrices in float32 at a time: a 3.8B model's all
+    would take 15 GB at once."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -248,43 +264,38 @@ def _rewrite(
         numpy_helper.from_array(np.array([128], np.uint8), "prefill/zero_1d"),
         numpy_helper.from_array(np.array([-1], np.int64), "prefill/last_axis"),
     ]
+    readers: dict[str, list[Any]] = {}
+    for node in linears:
+        readers.setdefault(node.input[0], []).append(node)
     replaced = {id(node) for node in linears}
-    shared: dict[tuple[str, bytes], tuple[str, str, str]] = {}
+    shared: dict[str, tuple[str, str]] = {}  # by input: its quantized values and scales
+    quantized: dict[str, tuple[Any, Any]] = {}  # by node name: its int8 weights and scales
     nodes: list[Any] = []
     done = 0
     for node in graph.node:
         if id(node) not in replaced:
             nodes.append(node)
             continue
-        name = node.name
-        weight = weight_of(node)
-        channels = np.sort(np.argsort(-peaks[name])[:outliers]).astype(np.int64)
-        inner = np.ones(weight.shape[0], np.float32)
-        inner[channels] = 0
-        scales = np.maximum(np.abs(weight * inner[:, None]).max(axis=0), 1e-8) / 127
-        quantized = np.clip(np.round(weight * inner[:, None] / scales), -127, 127).astype(np.int8)
+        x, name = node.input[0], node.name
+        if x not in shared:  # its first reader: smooth and quantize all its readers' weights
+            group = readers[x]
+            factors, weights = _smoothed(activations[x], [weight_of(reader) for reader in group])
+            quantized.update({reader.name: w for reader, w in zip(group, weights, strict=True)})
+            added.append(numpy_helper.from_array(1 / factors, f"{name}/inverse_factors"))
+            nodes += _quantize_input(helper, x, name, len(factors))
+            shared[x] = (f"{name}/x_q", f"{name}/x_scale")
+        x_q, x_scale = shared[x]
+        int8, scales = quantized.pop(name)
         added += [
-            numpy_helper.from_array(quantized, f"{name}/int8"),
-            numpy_helper.from_array(scales.astype(np.float32), f"{name}/scales"),
-            numpy_helper.from_array(np.ascontiguousarray(weight[channels]), f"{name}/outlier_rows"),
+            numpy_helper.from_array(int8, f"{name}/int8"),
+            numpy_helper.from_array(scales, f"{name}/scales"),
         ]
-        key = (node.input[0], channels.tobytes())
-        if key not in shared:
-            added += [
-                numpy_helper.from_array(channels, f"{name}/outliers"),
-                numpy_helper.from_array(inner, f"{name}/inner"),
-            ]
-            nodes += _quantize_input(helper, node.input[0], name, weight.shape[0])
-            shared[key] = (f"{name}/x_q", f"{name}/x_scale", f"{name}/x_outliers")
-        x_q, x_scale, x_outliers = shared[key]
         # (x_q - 128) @ int8 x per-channel scales, in float: one contrib op instead of MatMulInteger,
         # Cast and Mul (measured +12-18% on a 512-token prompt).
         integer = [x_q, f"{name}/int8", "prefill/one", f"{name}/scales", "prefill/zero"]
         nodes += [
             helper.make_node("MatMulIntegerToFloat", integer, [f"{name}/rows"], domain="com.microsoft"),
-            helper.make_node("Mul", [f"{name}/rows", x_scale], [f"{name}/inner_out"]),
-            helper.make_node("MatMul", [x_outliers, f"{name}/outlier_rows"], [f"{name}/outlier_out"]),
-            helper.make_node("Add", [f"{name}/inner_out", f"{name}/outlier_out"], [node.output[0]]),
+            helper.make_node("Mul", [f"{name}/rows", x_scale], [node.output[0]]),
         ]
         done += 1
         if progress:
@@ -298,14 +309,56 @@ def _rewrite(
     graph.node.extend(nodes)
 
 
+def _smoothed(seen: Activations, weights: list[Any]) -> tuple[Any, list[tuple[Any, Any]]]:
+    """Smoothing factors for one input [K], and each of its matrices [K, N] smoothed and quantized
+    (int8 [K, N], scales [N]): of the strengths in ALPHAS, the one whose quantized products are
+    closest to the float ones on the calibration sample (relative squared error, summed)."""
+    import numpy as np
+
+    x = seen.sample.astype(np.float32)
+    exact = [x @ w for w in weights]
+    weight_peak = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
+    best: tuple[float, Any, list[tuple[Any, Any]]] | None = None
+    for alpha in ALPHAS:
+        factors = np.clip(
+            np.maximum(seen.peak, 1e-5) ** alpha / np.maximum(weight_peak, 1e-5) ** (1 - alpha), 1e-3, 1e3
+        )
+        factors = factors.astype(np.float32)
+        x_q = _per_row(x / factors)
+        quantized = [_per_column(w * factors[:, None]) for w in weights]
+        error = sum(
+            float(np.square(x_q @ (q * scales) - y).sum() / max(np.square(y).sum(), 1e-30))
+            for (q, scales), y in zip(quantized, exact, strict=True)
+        )
+        if best is None or error < best[0]:
+            best = (error, factors, quantized)
+    assert best is not None
+    return best[1], best[2]
+
+
+def _per_row(x: Any) -> Any:
+    """x quantized to int8 with one scale per row, as float32 (what MatMulIntegerToFloat sees)."""
+    import numpy as np
+
+    scales = np.maximum(np.abs(x).max(axis=1, keepdims=True), 1e-8) / 127
+    return np.clip(np.round(x / scales), -127, 127) * scales
+
+
+def _per_column(w: Any) -> tuple[Any, Any]:
+    """w [K, N] as int8 with one float32 scale per column."""
+    import numpy as np
+
+    scales = (np.maximum(np.abs(w).max(axis=0), 1e-8) / 127).astype(np.float32)
+    return np.clip(np.round(w / scales), -127, 127).astype(np.int8), scales
+
+
 def _quantize_input(helper: Any, x: str, name: str, channels: int) -> list[Any]:
-    """x's outlier channels (float32), and the others as uint8 (zero point 128) with one scale per
-    token: QuantizeLinear in blocks of a whole row, its zero points shaped like its scales."""
+    """x divided by its smoothing factors, as uint8 (zero point 128) with one scale per token:
+    QuantizeLinear in blocks of a whole row, its zero points shaped like its scales."""
     p = name
     return [
-        helper.make_node("Gather", [x, f"{p}/outliers"], [f"{p}/x_outliers"], axis=-1),
-        helper.make_node("Mul", [x, f"{p}/inner"], [f"{p}/x_inner"]),
-        helper.make_node("Abs", [f"{p}/x_inner"], [f"{p}/x_abs"]),
+        helper.make_node("Mul", [x, f"{p}/inverse_factors"], [f"{p}/x_smooth"]),
+        helper.make_node("Abs", [f"{p}/x_smooth"], [f"{p}/x_abs"]),
         helper.make_node("ReduceMax", [f"{p}/x_abs", "prefill/last_axis"], [f"{p}/x_peak"], keepdims=1),
         helper.make_node("Max", [f"{p}/x_peak", "prefill/eps"], [f"{p}/x_peak_safe"]),
         helper.make_node("Mul", [f"{p}/x_peak_safe", "prefill/inv127"], [f"{p}/x_scale"]),
@@ -313,7 +366,7 @@ def _quantize_input(helper: Any, x: str, name: str, channels: int) -> list[Any]:
         helper.make_node("Expand", ["prefill/zero_1d", f"{p}/x_scale_shape"], [f"{p}/x_zero"]),
         helper.make_node(
             "QuantizeLinear",
-            [f"{p}/x_inner", f"{p}/x_scale", f"{p}/x_zero"],
+            [f"{p}/x_smooth", f"{p}/x_scale", f"{p}/x_zero"],
             [f"{p}/x_q"],
             axis=-1,
             block_size=channels,
