@@ -86,13 +86,17 @@ def test_a_build_with_coarser_weights_gets_its_prefill_graph_weights_from_an_int
     import onnx
     from onnx import numpy_helper
 
-    from slmflow.prefill_graph import _dequantize
+    from slmflow.prefill_graph import dequantize
 
     # Asked for on an int4 build, convert() makes an int8 build beside it to take the weights from,
     # and removes it afterwards.
     built = convert.convert(tiny_checkpoint, tmp_path / "int4", precision="int4", prefill_graph=True)
     assert (built / PREFILL_FILE).is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["int4"]
-    int8 = convert.convert(tiny_checkpoint, tmp_path / "int8", precision="int8", prefill_graph=False)
+    # The builder's int8 as it makes it (the default recipe's decoder graph is smoothed afterwards).
+    as_built = convert.Quantization(block_size=32)
+    int8 = convert.convert(
+        tiny_checkpoint, tmp_path / "int8", precision="int8", quantization=as_built, prefill_graph=False
+    )
 
     def weights(folder: Path, file: str) -> tuple[dict, dict]:
         model = onnx.load(str(folder / file), load_external_data=False)
@@ -111,25 +115,25 @@ def test_a_build_with_coarser_weights_gets_its_prefill_graph_weights_from_an_int
     # factors are its own. Unsmoothed, its weights are the int8 build's within a rounding step.
     step = prefill[f"{name}/scales"] * prefill[f"{name}/inverse_factors"][:, None]
     ours = prefill[f"{name}/int8"].astype(np.float32) * step
-    from_int8 = _dequantize(nodes8[name.replace("_Q4", "_Q8")], arrays8.__getitem__)
-    from_int4 = _dequantize(nodes4[name], arrays4.__getitem__)
+    from_int8 = dequantize(nodes8[name.replace("_Q4", "_Q8")], arrays8.__getitem__)
+    from_int4 = dequantize(nodes4[name], arrays4.__getitem__)
     assert np.all(np.abs(ours - from_int8) <= step * 0.51)
     assert np.abs(ours - from_int8).mean() * 5 < np.abs(ours - from_int4).mean()
 
 
 def test_smoothing_moves_the_activations_outliers_into_the_weights() -> None:
-    from slmflow.prefill_graph import Activations, _per_column, _per_row, _smoothed
+    from slmflow.prefill_graph import Activations, per_column, per_row, smoothed
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((256, 64)).astype(np.float16).astype(np.float32)
     x[:, [3, 17]] *= 60  # two channels far above the rest, as in real models' activations
     w = rng.standard_normal((64, 32)).astype(np.float32) * 0.05
-    factors, [(int8, scales)] = _smoothed(Activations(np.abs(x).max(axis=0), x.astype(np.float16)), [w])
+    factors, [(int8, scales)] = smoothed(Activations(np.abs(x).max(axis=0), x.astype(np.float16)), [w])
     exact = x @ w
 
     def error(y: np.ndarray) -> float:
         return float(np.square(y - exact).sum() / np.square(exact).sum())
 
-    plain_int8, plain_scales = _per_column(w)
-    assert error(_per_row(x / factors) @ (int8 * scales)) * 5 < error(_per_row(x) @ (plain_int8 * plain_scales))
+    plain_int8, plain_scales = per_column(w)
+    assert error(per_row(x / factors) @ (int8 * scales)) * 5 < error(per_row(x) @ (plain_int8 * plain_scales))
     assert min(factors[3], factors[17]) > 5 * np.median(factors)

@@ -66,7 +66,8 @@ class Quantization:
 # Measured on SmolLM2-135M-Instruct (benchmarks/results/quantization.md). int4: k_quant, block 32,
 # the LM head and the most quantization-sensitive layers in int8 (llama.cpp's mixed strategy): +12%
 # perplexity, where the former default (block 128, plain RTN) cost +80% and answered in gibberish.
-# int8 (the builder's defaults) cost +0.25% and decodes as fast, hence the default precision.
+# int8 (the builder's defaults) cost +0.25% and decodes as fast, hence the default precision; on CPU
+# its decoder graph is then smoothed and requantized at block 64 (decode_graph.py: better and faster).
 DEFAULT_RECIPES = {
     "int4": Quantization(algorithm="k_quant", block_size=32, mixed="last_matmul:int8,mixed_layers:int8"),
     "int8": Quantization(),
@@ -137,6 +138,12 @@ def uses_prefill_graph(precision: str, provider: str, requested: bool | None) ->
     return requested
 
 
+def smooths_decode_graph(precision: str, provider: str, quantization: Quantization | None) -> bool:
+    """Whether a build's decoder graph gets smoothed weights at block 64 (decode_graph.py): int8 CPU
+    builds of the default recipe (options given are the builder's to follow as given)."""
+    return precision == "int8" and provider == "cpu" and recipe_for(precision, quantization) == DEFAULT_RECIPES["int8"]
+
+
 def convert(
     source: Path,
     output: Path,
@@ -149,7 +156,10 @@ def convert(
     progress: Progress | None = None,
 ) -> Path:
     """Convert the checkpoint at `source` into an ONNX Runtime GenAI folder at `output` (with a
-    prefill graph where `uses_prefill_graph` says so)."""
+    prefill graph where `uses_prefill_graph` says so; int8 CPU builds of the default recipe get their
+    decoder graph smoothed, decode_graph.py)."""
+    from slmflow.decode_graph import smooth_decode_graph
+
     check_target(precision, provider, quantization)
     with_prefill_graph = uses_prefill_graph(precision, provider, prefill_graph)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +173,8 @@ def convert(
         if with_prefill_graph:
             finest = precision == "int8" and recipe_for(precision, quantization) == DEFAULT_RECIPES["int8"]
             _add_prefill_graph(source, staging, finest, cache, num_layers, progress)
+        if smooths_decode_graph(precision, provider, quantization):
+            smooth_decode_graph(staging, progress=progress)
         if output.exists():
             shutil.rmtree(output)
         os.replace(staging, output)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from slmflow import convert
 from slmflow.checkpoints import Checkpoint, resolve
+from slmflow.decode_graph import DECODE_BLOCK
 from slmflow.errors import QualityBudgetExceeded, SlmflowError
 from slmflow.generation.decoder import PREFILL_FILE
 from slmflow.onnx_genai.schema import CHAT_EXAMPLE, TASKS
@@ -259,6 +260,8 @@ def _params(spec: PackageSpec, checkpoint: Checkpoint) -> dict[str, Any]:
             if converted
             else (checkpoint.path / PREFILL_FILE).is_file()
         )
+        if converted and convert.smooths_decode_graph(spec.precision, spec.provider, spec.quantization):
+            params["decode_graph"] = f"smoothed int8, block {DECODE_BLOCK}"
         if spec.max_quality_loss is not None:
             params["max_quality_loss_pct"] = spec.max_quality_loss
     params |= {f"generation.{k}": v for k, v in spec.generation_defaults.items()}

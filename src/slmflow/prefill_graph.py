@@ -56,16 +56,16 @@ def add_prefill_graph(
     cost more perplexity). Nothing is left behind on failure."""
     import onnx
 
-    layout, model_file, model = _build(folder)
-    linears = _linears(model.graph)
+    layout, model_file, model = read_build(folder)
+    linears = linears_of(model.graph)
     if not linears:
         raise PrefillGraphError("no prefill graph: the model has no int4/int8 (MatMulNBits) weights")
     if weights_from is None:
-        finer, weight_of = None, _weights(model.graph, folder)
+        finer, weight_of = None, linear_weights(model.graph, folder)
     else:
-        finer = _build(weights_from)[2].graph
+        finer = read_build(weights_from)[2].graph
         weight_of = _weights_of_build(finer, weights_from)
-    activations = _calibrate(model, folder, layout, linears)
+    activations = calibrate(model, folder, layout, linears)
     _rewrite(model.graph, linears, weight_of, activations, progress)
     if weights_from is not None:
         _take_lm_head(model.graph, finer, weights_from)
@@ -85,7 +85,7 @@ def add_prefill_graph(
     return target
 
 
-def _build(folder: Path) -> tuple[Any, Path, Any]:
+def read_build(folder: Path) -> tuple[Any, Path, Any]:
     """A build's layout, graph file and graph (without its weights)."""
     import onnx
 
@@ -101,7 +101,7 @@ def _lm_head(graph: Any) -> Any:
     return head
 
 
-def _linears(graph: Any) -> list[Any]:
+def linears_of(graph: Any) -> list[Any]:
     """The MatMulNBits nodes to rewrite: every one but the LM head."""
     return [node for node in graph.node if node.op_type == "MatMulNBits" and "logits" not in node.output]
 
@@ -114,17 +114,17 @@ def _initializers(graph: Any, folder: Path) -> Callable[[str], Any]:
     return lambda name: numpy_helper.to_array(by_name[name], base_dir=str(folder))
 
 
-def _weights(graph: Any, folder: Path) -> Callable[[Any], Any]:
+def linear_weights(graph: Any, folder: Path) -> Callable[[Any], Any]:
     """The float32 weights [K, N] of a MatMulNBits node of `graph` (in `folder`)."""
     load = _initializers(graph, folder)
-    return lambda node: _dequantize(node, load)
+    return lambda node: dequantize(node, load)
 
 
 def _weights_of_build(graph: Any, folder: Path) -> Callable[[Any], Any]:
     """The float32 weights of each linear, from the node of the same name in another build's
     `graph` (in `folder`)."""
-    nodes = {_unquantized_name(node): node for node in _linears(graph)}
-    load = _weights(graph, folder)
+    nodes = {_unquantized_name(node): node for node in linears_of(graph)}
+    load = linear_weights(graph, folder)
 
     def shape(node: Any) -> tuple[int, int]:
         attrs = _attributes(node)
@@ -174,7 +174,7 @@ def _attributes(node: Any) -> dict[str, Any]:
     return {attribute.name: helper.get_attribute_value(attribute) for attribute in node.attribute}
 
 
-def _dequantize(node: Any, load: Callable[[str], Any]) -> Any:
+def dequantize(node: Any, load: Callable[[str], Any]) -> Any:
     """A MatMulNBits node's weights as float32 [K, N]."""
     import numpy as np
 
@@ -199,7 +199,7 @@ def _dequantize(node: Any, load: Callable[[str], Any]) -> Any:
     return np.ascontiguousarray(weights.reshape(n, blocks * block)[:, :k].T)
 
 
-def _calibrate(model: Any, folder: Path, layout: Any, linears: list[Any]) -> dict[str, Activations]:
+def calibrate(model: Any, folder: Path, layout: Any, linears: list[Any]) -> dict[str, Activations]:
     """Each linear input's activations over the calibration text: peak per channel, and a sample of
     about SAMPLE_ROWS tokens' rows (float16: a 3.8B model's would take 0.6 GB in float32)."""
     import numpy as np
@@ -279,7 +279,7 @@ def _rewrite(
         x, name = node.input[0], node.name
         if x not in shared:  # its first reader: smooth and quantize all its readers' weights
             group = readers[x]
-            factors, weights = _smoothed(activations[x], [weight_of(reader) for reader in group])
+            factors, weights = smoothed(activations[x], [weight_of(reader) for reader in group])
             quantized.update({reader.name: w for reader, w in zip(group, weights, strict=True)})
             added.append(numpy_helper.from_array(1 / factors, f"{name}/inverse_factors"))
             nodes += _quantize_input(helper, x, name, len(factors))
@@ -309,7 +309,7 @@ def _rewrite(
     graph.node.extend(nodes)
 
 
-def _smoothed(seen: Activations, weights: list[Any]) -> tuple[Any, list[tuple[Any, Any]]]:
+def smoothed(seen: Activations, weights: list[Any]) -> tuple[Any, list[tuple[Any, Any]]]:
     """Smoothing factors for one input [K], and each of its matrices [K, N] smoothed and quantized
     (int8 [K, N], scales [N]): of the strengths in ALPHAS, the one whose quantized products are
     closest to the float ones on the calibration sample (relative squared error, summed)."""
@@ -324,8 +324,8 @@ def _smoothed(seen: Activations, weights: list[Any]) -> tuple[Any, list[tuple[An
             np.maximum(seen.peak, 1e-5) ** alpha / np.maximum(weight_peak, 1e-5) ** (1 - alpha), 1e-3, 1e3
         )
         factors = factors.astype(np.float32)
-        x_q = _per_row(x / factors)
-        quantized = [_per_column(w * factors[:, None]) for w in weights]
+        x_q = per_row(x / factors)
+        quantized = [per_column(w * factors[:, None]) for w in weights]
         error = sum(
             float(np.square(x_q @ (q * scales) - y).sum() / max(np.square(y).sum(), 1e-30))
             for (q, scales), y in zip(quantized, exact, strict=True)
@@ -336,7 +336,7 @@ def _smoothed(seen: Activations, weights: list[Any]) -> tuple[Any, list[tuple[An
     return best[1], best[2]
 
 
-def _per_row(x: Any) -> Any:
+def per_row(x: Any) -> Any:
     """x quantized to int8 with one scale per row, as float32 (what MatMulIntegerToFloat sees)."""
     import numpy as np
 
@@ -344,7 +344,7 @@ def _per_row(x: Any) -> Any:
     return np.clip(np.round(x / scales), -127, 127) * scales
 
 
-def _per_column(w: Any) -> tuple[Any, Any]:
+def per_column(w: Any) -> tuple[Any, Any]:
     """w [K, N] as int8 with one float32 scale per column."""
     import numpy as np
 

@@ -1,0 +1,88 @@
+"""The smoothed decode graph of default int8 CPU builds (decode_graph.py), on the tiny fixture.
+Its quality and speed on the real model: tests/test_real_model.py, docs/packaging.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from slmflow import convert
+from slmflow.decode_graph import DECODE_BLOCK
+from slmflow.generation.decoder import PREFILL_FILE, Decoder, layout_of
+from slmflow.generation.params import SamplingParams
+
+QUESTIONS = {"Spain": "Madrid", "France": "Paris", "Japan": "Tokyo"}
+
+
+@pytest.fixture(scope="module")
+def builds(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The default int8 build, and the builder's int8 as it made it (options given: not smoothed)."""
+    folder = tmp_path_factory.mktemp("decode-graph")
+    as_built = convert.Quantization(block_size=32)
+    return {
+        "smoothed": convert.convert(tiny_checkpoint, folder / "smoothed", precision="int8"),
+        "builder": convert.convert(tiny_checkpoint, folder / "builder", precision="int8", quantization=as_built),
+    }
+
+
+def decoder(folder: Path, prefill: bool) -> Decoder:
+    layout, model_file = layout_of(json.loads((folder / "genai_config.json").read_text()), folder)
+    return Decoder(model_file, layout, 2, 1, 512, prefill_file=folder / PREFILL_FILE if prefill else None)
+
+
+def linears(folder: Path) -> list:
+    import onnx
+
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    return [node for node in graph.node if node.op_type == "MatMulNBits" and "logits" not in node.output], graph
+
+
+def test_default_int8_builds_decode_with_smoothed_block_64_weights(builds: dict[str, Path]) -> None:
+    nodes, graph = linears(builds["smoothed"])
+    made_by = {output: node for node in graph.node for output in node.output}
+    assert nodes and all({a.name: a.i for a in node.attribute}["block_size"] == DECODE_BLOCK for node in nodes)
+    assert all(made_by[node.input[0]].op_type == "Mul" for node in nodes)  # the input divided by its factors
+    builder_nodes, _ = linears(builds["builder"])
+    assert all({a.name: a.i for a in node.attribute}["block_size"] == 32 for node in builder_nodes)
+    assert convert.smooths_decode_graph("int8", "cpu", None)
+    assert not convert.smooths_decode_graph("int8", "cuda", None) and not convert.smooths_decode_graph(
+        "int4", "cpu", None
+    )
+
+
+def test_the_smoothed_graph_predicts_as_the_builders(builds: dict[str, Path]) -> None:
+    from slmflow.generation.engine import GenerationEngine
+
+    engine = GenerationEngine(builds["smoothed"])
+    try:
+        prompt = engine.encode(engine.render_chat([{"role": "user", "content": "What is the capital of Japan?"}]))
+    finally:
+        engine.close()
+    ours = np.concatenate(list(decoder(builds["smoothed"], prefill=False).logits_in_chunks(prompt, 64)))
+    theirs = np.concatenate(list(decoder(builds["builder"], prefill=False).logits_in_chunks(prompt, 64)))
+    assert not np.allclose(ours, theirs, atol=1e-4), "the decode graph was not rewritten"
+    assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.9
+    # The prefill graph was made from the builder's weights before the rewrite, and still reads them
+    # (what it shares with the decoder graph's data file was pointed at its new place).
+    ours = np.concatenate(list(decoder(builds["smoothed"], prefill=True).logits_in_chunks(prompt, 64)))
+    theirs = np.concatenate(list(decoder(builds["builder"], prefill=True).logits_in_chunks(prompt, 64)))
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_the_engine_answers_as_trained_from_the_smoothed_build(builds: dict[str, Path]) -> None:
+    from slmflow.generation.engine import EngineOptions, GenerationEngine
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=24)
+    for prefill_graph in (True, False):
+        engine = GenerationEngine(builds["smoothed"], EngineOptions(prefill_graph=prefill_graph))
+        try:
+            for country, capital in QUESTIONS.items():
+                chat = [{"role": "user", "content": f"What is the capital of {country}?"}]
+                answer = engine.generate(engine.render_chat(chat), greedy).text
+                assert answer == f"The capital of {country} is {capital}.", (prefill_graph, answer)
+        finally:
+            engine.close()
+    assert sorted(p.name for p in builds["smoothed"].iterdir() if p.name.startswith(".")) == []
