@@ -41,7 +41,7 @@ def main() -> None:
     builds = {
         "float32": (model_folder("smol", "fp32"), False),
         "int8, prefill graph (default)": (model_folder("smol", "int8"), True),
-        "int8, builder graph only": (model_folder("smol", "int8"), False),
+        "int8, decoder graph only": (model_folder("smol", "int8"), False),
     }
     results: dict[str, float] = {}
     ids: list[int] = []

@@ -38,7 +38,7 @@ from slmflow.convert import Quantization  # noqa: E402
 # name -> (precision, quantization, what it is)
 RECIPES: dict[str, tuple[str, Quantization | None, str]] = {
     "fp32": ("fp32", None, "no quantization"),
-    "int8": ("int8", None, "default: builder defaults (block 32, int8 activations)"),
+    "int8": ("int8", None, "default: builder int8, decoder graph smoothed at block 64, prefill graph"),
     "int8 acc1": ("int8", Quantization(accuracy_level=1), "float32 activations"),
     "int4": ("int4", None, "int4 default: k_quant block 32, LM head + sensitive layers int8"),
     "int4 kqm b16": (
