@@ -16,6 +16,8 @@ the builder's file (embeddings, norms, LM head) is pointed at the rewritten data
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,19 +43,21 @@ def smooth_decode_graph(folder: Path, block_size: int = DECODE_BLOCK, progress: 
     data_name = model_file.name + ".data"
     staging = folder / STAGING
     staging.mkdir(exist_ok=True)
-    onnx.save_model(
-        model,
-        str(staging / model_file.name),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data_name,
-        size_threshold=1024,
-    )
-    for name in (data_name, model_file.name):  # the graph last: it names the data file's offsets
-        mode = (folder / name).stat().st_mode & 0o777
-        os.replace(staging / name, folder / name)
-        (folder / name).chmod(mode)
-    staging.rmdir()
+    try:
+        onnx.save_model(
+            model,
+            str(staging / model_file.name),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data_name,
+            size_threshold=1024,
+        )
+        for name in (data_name, model_file.name):  # the graph last: it names the data file's offsets
+            mode = (folder / name).stat().st_mode & 0o777
+            os.replace(staging / name, folder / name)
+            (folder / name).chmod(mode)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     if (folder / PREFILL_FILE).is_file():
         _relink(folder / PREFILL_FILE, model_file, data_name)
 
@@ -61,7 +65,7 @@ def smooth_decode_graph(folder: Path, block_size: int = DECODE_BLOCK, progress: 
 def _rewrite(
     graph: Any,
     linears: list[Any],
-    weight_of: Any,
+    weight_of: Callable[[Any], Any],
     activations: dict[str, Any],
     block_size: int,
     progress: Progress | None,

@@ -11,8 +11,8 @@ peak(w)^(1 - alpha) per channel, alpha chosen per input (from ALPHAS) for the sm
 quantized product on a sample of the calibration text's activations. Weights get one int8 scale per
 output channel, from the builder's own (dequantized) weights.
 
-Decoding stays on the builder's graph: at one token per row, the extra quantizing ops cost more than
-they save (66 vs 127 tokens/s for one stream). The LM head stays a MatMulNBits: reading a prompt
+Decoding stays on the decoder graph (decode_graph.py smooths it in default int8 builds): at one
+token per row, the extra quantizing ops cost more than they save (66 vs 127 tokens/s for one stream). The LM head stays a MatMulNBits: reading a prompt
 needs only its last position's logits. Measured quality and speed: docs/packaging.md.
 
 The graph is written beside the builder's as prefill.onnx (+ prefill.onnx.data, only the new
