@@ -4,8 +4,8 @@ MatMulNBits block DECODE_BLOCK.
 Why: at accuracy level 4, MatMulNBits quantizes the activations to int8 in blocks of its block size
 too, so larger blocks are faster (fewer scales) but lose the activations' outlier channels (the
 builder's block 128 cost +1.40% perplexity on 8,192 tokens against block 32's +0.59%). Dividing each
-input by the prefill graph's smoothing factors (prefill_graph.py: chosen per input on the calibration
-text; the weights' rows multiplied by the same) moves the outliers into the weights, where block 64
+input by smoothing factors found as the prefill graph's are (prefill_graph.smoothed: chosen per input
+on the calibration text; the weights' rows multiplied by the same) moves the outliers into the weights, where block 64
 costs less than the builder's block 32 did, and decodes 10-15% faster. One Mul per input does the
 division. Measured figures: docs/packaging.md.
 
