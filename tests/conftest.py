@@ -139,3 +139,35 @@ def engine_held(engine: Any) -> Iterator[Callable[[], None]]:
 def finished(stats: Any) -> dict[str, int]:
     """A copy of the engine's requests-by-how-they-ended counters."""
     return dict(stats.finished)
+
+
+CAPITALS = {"Spain": "Madrid", "France": "Paris", "Japan": "Tokyo"}  # what the tiny fixture was trained on
+
+
+def graph_decoder(folder: Path, prefill: bool) -> Any:  # -> Decoder
+    """A direct decoder of the build in `folder`, reading prompts with its prefill graph or not."""
+    import json
+
+    from slmflow.generation.decoder import PREFILL_FILE, Decoder, layout_of
+
+    layout, model_file = layout_of(json.loads((folder / "genai_config.json").read_text()), folder)
+    return Decoder(model_file, layout, 2, 1, 512, prefill_file=folder / PREFILL_FILE if prefill else None)
+
+
+def assert_answers_as_trained(folder: Path) -> None:
+    """The engine on the tiny fixture's build in `folder` answers the capitals as trained, on the
+    continuous scheduler, with prompts read by the prefill graph and without."""
+    from slmflow.generation.engine import EngineOptions, GenerationEngine
+    from slmflow.generation.params import SamplingParams
+
+    greedy = SamplingParams(temperature=0.0, max_tokens=24)
+    for prefill_graph in (True, False):
+        engine = GenerationEngine(folder, EngineOptions(prefill_graph=prefill_graph))
+        try:
+            assert engine.scheduler == "continuous"
+            for country, capital in CAPITALS.items():
+                chat = [{"role": "user", "content": f"What is the capital of {country}?"}]
+                answer = engine.generate(engine.render_chat(chat), greedy).text
+                assert answer == f"The capital of {country} is {capital}.", (prefill_graph, answer)
+        finally:
+            engine.close()

@@ -3,7 +3,6 @@ Its quality and speed on the real model: tests/test_real_model.py, docs/packagin
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +10,7 @@ import pytest
 
 from slmflow import convert
 from slmflow.decode_graph import DECODE_BLOCK
-from slmflow.generation.decoder import PREFILL_FILE, Decoder, layout_of
-from slmflow.generation.params import SamplingParams
-
-QUESTIONS = {"Spain": "Madrid", "France": "Paris", "Japan": "Tokyo"}
+from tests.conftest import assert_answers_as_trained, graph_decoder
 
 
 @pytest.fixture(scope="module")
@@ -26,11 +22,6 @@ def builds(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> d
         "smoothed": convert.convert(tiny_checkpoint, folder / "smoothed", precision="int8"),
         "builder": convert.convert(tiny_checkpoint, folder / "builder", precision="int8", quantization=as_built),
     }
-
-
-def decoder(folder: Path, prefill: bool) -> Decoder:
-    layout, model_file = layout_of(json.loads((folder / "genai_config.json").read_text()), folder)
-    return Decoder(model_file, layout, 2, 1, 512, prefill_file=folder / PREFILL_FILE if prefill else None)
 
 
 def linears(folder: Path) -> list:
@@ -61,28 +52,17 @@ def test_the_smoothed_graph_predicts_as_the_builders(builds: dict[str, Path]) ->
         prompt = engine.encode(engine.render_chat([{"role": "user", "content": "What is the capital of Japan?"}]))
     finally:
         engine.close()
-    ours = np.concatenate(list(decoder(builds["smoothed"], prefill=False).logits_in_chunks(prompt, 64)))
-    theirs = np.concatenate(list(decoder(builds["builder"], prefill=False).logits_in_chunks(prompt, 64)))
+    ours = np.concatenate(list(graph_decoder(builds["smoothed"], prefill=False).logits_in_chunks(prompt, 64)))
+    theirs = np.concatenate(list(graph_decoder(builds["builder"], prefill=False).logits_in_chunks(prompt, 64)))
     assert not np.allclose(ours, theirs, atol=1e-4), "the decode graph was not rewritten"
     assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.9
     # The prefill graph was made from the builder's weights before the rewrite, and still reads them
     # (what it shares with the decoder graph's data file was pointed at its new place).
-    ours = np.concatenate(list(decoder(builds["smoothed"], prefill=True).logits_in_chunks(prompt, 64)))
-    theirs = np.concatenate(list(decoder(builds["builder"], prefill=True).logits_in_chunks(prompt, 64)))
+    ours = np.concatenate(list(graph_decoder(builds["smoothed"], prefill=True).logits_in_chunks(prompt, 64)))
+    theirs = np.concatenate(list(graph_decoder(builds["builder"], prefill=True).logits_in_chunks(prompt, 64)))
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
 
 
 def test_the_engine_answers_as_trained_from_the_smoothed_build(builds: dict[str, Path]) -> None:
-    from slmflow.generation.engine import EngineOptions, GenerationEngine
-
-    greedy = SamplingParams(temperature=0.0, max_tokens=24)
-    for prefill_graph in (True, False):
-        engine = GenerationEngine(builds["smoothed"], EngineOptions(prefill_graph=prefill_graph))
-        try:
-            for country, capital in QUESTIONS.items():
-                chat = [{"role": "user", "content": f"What is the capital of {country}?"}]
-                answer = engine.generate(engine.render_chat(chat), greedy).text
-                assert answer == f"The capital of {country} is {capital}.", (prefill_graph, answer)
-        finally:
-            engine.close()
+    assert_answers_as_trained(builds["smoothed"])
     assert sorted(p.name for p in builds["smoothed"].iterdir() if p.name.startswith(".")) == []

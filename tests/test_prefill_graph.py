@@ -3,7 +3,6 @@ Its quality on the real model is checked in tests/test_real_model.py."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,19 +10,9 @@ import pytest
 
 from slmflow import convert
 from slmflow.errors import SlmflowError
-from slmflow.generation.decoder import PREFILL_FILE, Decoder, layout_of
-from slmflow.generation.params import SamplingParams
+from slmflow.generation.decoder import PREFILL_FILE
 from slmflow.prefill_graph import PrefillGraphError, add_prefill_graph
-
-QUESTIONS = {"Spain": "Madrid", "France": "Paris", "Japan": "Tokyo"}
-
-
-def decoders(folder: Path) -> tuple[Decoder, Decoder]:
-    """(the builder's graph alone, with the prefill graph reading prompts)."""
-    config = json.loads((folder / "genai_config.json").read_text())
-    layout, model_file = layout_of(config, folder)
-    made = [Decoder(model_file, layout, 2, 1, 512, prefill_file=p) for p in (None, folder / PREFILL_FILE)]
-    return made[0], made[1]
+from tests.conftest import assert_answers_as_trained, graph_decoder
 
 
 def test_prompts_read_by_the_prefill_graph_give_the_builder_graphs_next_tokens(onnx_int4_prefill: Path) -> None:
@@ -34,7 +23,7 @@ def test_prompts_read_by_the_prefill_graph_give_the_builder_graphs_next_tokens(o
         prompt = engine.encode(engine.render_chat([{"role": "user", "content": "What is the capital of Spain?"}]))
     finally:
         engine.close()
-    builder, prefill = decoders(onnx_int4_prefill)
+    builder, prefill = graph_decoder(onnx_int4_prefill, False), graph_decoder(onnx_int4_prefill, True)
     ours = np.concatenate(list(prefill.logits_in_chunks(prompt, 64)))
     theirs = np.concatenate(list(builder.logits_in_chunks(prompt, 64)))
     assert not np.allclose(ours, theirs, atol=1e-4), "the prefill graph did not read the prompt"
@@ -43,19 +32,7 @@ def test_prompts_read_by_the_prefill_graph_give_the_builder_graphs_next_tokens(o
 
 
 def test_the_engine_answers_as_trained_with_prompts_read_by_the_prefill_graph(onnx_int4_prefill: Path) -> None:
-    from slmflow.generation.engine import EngineOptions, GenerationEngine
-
-    greedy = SamplingParams(temperature=0.0, max_tokens=24)
-    for use in (True, False):
-        engine = GenerationEngine(onnx_int4_prefill, EngineOptions(prefill_graph=use))
-        try:
-            assert engine.scheduler == "continuous"
-            for country, capital in QUESTIONS.items():
-                chat = [{"role": "user", "content": f"What is the capital of {country}?"}]
-                answer = engine.generate(engine.render_chat(chat), greedy).text
-                assert answer == f"The capital of {country} is {capital}.", (use, answer)
-        finally:
-            engine.close()
+    assert_answers_as_trained(onnx_int4_prefill)
 
 
 def test_int8_builds_get_a_prefill_graph_by_default_and_others_only_when_asked(
