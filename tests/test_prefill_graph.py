@@ -105,7 +105,8 @@ def test_smoothing_moves_the_activations_outliers_into_the_weights() -> None:
     x = rng.standard_normal((256, 64)).astype(np.float16).astype(np.float32)
     x[:, [3, 17]] *= 60  # two channels far above the rest, as in real models' activations
     w = rng.standard_normal((64, 32)).astype(np.float32) * 0.05
-    factors, [(int8, scales)] = smoothed(Activations(np.abs(x).max(axis=0), x.astype(np.float16)), [w])
+    factors = smoothed(Activations(np.abs(x).max(axis=0), x.astype(np.float16)), [w])
+    int8, scales = per_column(w * factors[:, None])
     exact = x @ w
 
     def error(y: np.ndarray) -> float:

@@ -18,6 +18,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from slmflow.errors import ConversionError, SlmflowError
 from slmflow.progress import Progress
@@ -159,6 +160,7 @@ def convert(
     prefill graph where `uses_prefill_graph` says so; int8 CPU builds of the default recipe get their
     decoder graph smoothed, decode_graph.py)."""
     from slmflow.decode_graph import smooth_decode_graph
+    from slmflow.prefill_graph import smoothing_factors
 
     check_target(precision, provider, quantization)
     with_prefill_graph = uses_prefill_graph(precision, provider, prefill_graph)
@@ -170,11 +172,14 @@ def convert(
         _run_builder(command, num_layers, progress)
         if not (staging / "genai_config.json").is_file():
             raise ConversionError("the model builder finished without writing genai_config.json")
+        smooths = smooths_decode_graph(precision, provider, quantization)
+        # One calibration for both graphs of a default int8 build: the same activations and weights.
+        factors = smoothing_factors(staging, progress=progress) if smooths else None
         if with_prefill_graph:
             finest = precision == "int8" and recipe_for(precision, quantization) == DEFAULT_RECIPES["int8"]
-            _add_prefill_graph(source, staging, finest, cache, num_layers, progress)
-        if smooths_decode_graph(precision, provider, quantization):
-            smooth_decode_graph(staging, progress=progress)
+            _add_prefill_graph(source, staging, finest, factors, cache, num_layers, progress)
+        if smooths:
+            smooth_decode_graph(staging, factors, progress=progress)
         if output.exists():
             shutil.rmtree(output)
         os.replace(staging, output)
@@ -188,17 +193,19 @@ def _add_prefill_graph(
     source: Path,
     build: Path,
     finest: bool,
+    factors: dict[str, Any] | None,
     cache: Path,
     num_layers: int | None,
     progress: Progress | None,
 ) -> None:
     """Give `build` its prefill graph, with weights from an int8 block-32 build: this one's where it
     is one (`finest`), else a second build made for it (coarser or 4-bit weights, requantized per
-    channel, cost the prefill graph more: int8 block 128's +0.97% perplexity against +0.07%)."""
+    channel, cost the prefill graph more: int8 block 128's +0.97% perplexity against +0.07%).
+    `factors`: this build's smoothing factors, where computed already."""
     from slmflow.prefill_graph import add_prefill_graph
 
     if finest:
-        add_prefill_graph(build, progress=progress)
+        add_prefill_graph(build, factors=factors, progress=progress)
         return
     finer = Path(tempfile.mkdtemp(prefix=".prefill-weights-", dir=build.parent))
     try:

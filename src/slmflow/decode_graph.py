@@ -4,10 +4,10 @@ MatMulNBits block DECODE_BLOCK.
 Why: at accuracy level 4, MatMulNBits quantizes the activations to int8 in blocks of its block size
 too, so larger blocks are faster (fewer scales) but lose the activations' outlier channels (the
 builder's block 128 cost +1.40% perplexity on 8,192 tokens against block 32's +0.59%). Dividing each
-input by smoothing factors found as the prefill graph's are (prefill_graph.smoothed: chosen per input
-on the calibration text; the weights' rows multiplied by the same) moves the outliers into the weights, where block 64
-costs less than the builder's block 32 did, and decodes 10-15% faster. One Mul per input does the
-division. Measured figures: docs/packaging.md.
+input by the prefill graph's smoothing factors (prefill_graph.smoothing_factors: chosen per input on
+the calibration text; computed once for both graphs) and multiplying the weights' rows by the same
+moves the outliers into the weights, where block 64 costs less than the builder's block 32 did, and
+decodes 10-15% faster. One Mul per input does the division. Measured figures: docs/packaging.md.
 
 The prefill graph, built before from the builder's block-32 weights, keeps them; what it shares with
 the builder's file (embeddings, norms, LM head) is pointed at the rewritten data file.
@@ -22,23 +22,29 @@ from pathlib import Path
 from typing import Any
 
 from slmflow.generation.decoder import PREFILL_FILE
-from slmflow.prefill_graph import calibrate, linear_weights, linears_of, read_build, smoothed
+from slmflow.prefill_graph import by_input, linear_weights, linears_of, read_build, smoothing_factors
 from slmflow.progress import Progress
 
 DECODE_BLOCK = 64
 STAGING = ".smoothing"
 
 
-def smooth_decode_graph(folder: Path, block_size: int = DECODE_BLOCK, progress: Progress | None = None) -> None:
-    """Rewrite `folder`'s decoder graph (model.onnx and its data file) with smoothed weights at
-    `block_size`; a prefill graph beside it is pointed at the new data file."""
+def smooth_decode_graph(
+    folder: Path,
+    factors: dict[str, Any] | None = None,
+    block_size: int = DECODE_BLOCK,
+    progress: Progress | None = None,
+) -> None:
+    """Rewrite `folder`'s decoder graph (model.onnx and its data file) with weights smoothed by
+    `factors` (else smoothing_factors(folder)) at `block_size`; a prefill graph beside it is pointed
+    at the new data file."""
     import onnx
 
-    layout, model_file, model = read_build(folder)
+    _, model_file, model = read_build(folder)
+    if factors is None:
+        factors = smoothing_factors(folder, progress=progress)
     linears = linears_of(model.graph)
-    weight_of = linear_weights(model.graph, folder)
-    activations = calibrate(model, folder, layout, linears)
-    _rewrite(model.graph, linears, weight_of, activations, block_size, progress)
+    _rewrite(model.graph, linears, linear_weights(model.graph, folder), factors, block_size, progress)
     onnx.load_external_data_for_model(model, str(folder))  # what it keeps, before its file is replaced
     data_name = model_file.name + ".data"
     staging = folder / STAGING
@@ -66,7 +72,7 @@ def _rewrite(
     graph: Any,
     linears: list[Any],
     weight_of: Callable[[Any], Any],
-    activations: dict[str, Any],
+    factors: dict[str, Any],
     block_size: int,
     progress: Progress | None,
 ) -> None:
@@ -76,9 +82,7 @@ def _rewrite(
     from onnx import helper, numpy_helper
 
     dropped = {name for node in linears for name in node.input[1:] if name}
-    readers: dict[str, list[Any]] = {}
-    for node in linears:
-        readers.setdefault(node.input[0], []).append(node)
+    readers = by_input(linears)
     replaced = {id(node) for node in linears}
     smoothed_input: dict[str, str] = {}
     added: list[Any] = []
@@ -86,14 +90,12 @@ def _rewrite(
     for node in graph.node:
         x = node.input[0] if id(node) in replaced else None
         if x is not None and x not in smoothed_input:  # its first reader: the Mul goes before it
-            group = readers[x]
-            weights = [weight_of(reader) for reader in group]
-            factors, _ = smoothed(activations[x], weights)
-            added.append(numpy_helper.from_array((1 / factors).astype(np.float32), f"{node.name}/inverse_factors"))
+            smoothing = factors[x]
+            added.append(numpy_helper.from_array((1 / smoothing).astype(np.float32), f"{node.name}/inverse_factors"))
             smoothed_input[x] = f"{node.name}/smoothed_input"
             nodes.append(helper.make_node("Mul", [x, f"{node.name}/inverse_factors"], [smoothed_input[x]]))
-            for reader, weight in zip(group, weights, strict=True):
-                _requantize(reader, weight * factors[:, None], block_size, added)
+            for reader in readers[x]:
+                _requantize(reader, weight_of(reader) * smoothing[:, None], block_size, added)
             if progress:
                 progress("smoothing the decode graph", len(smoothed_input), len(readers))
         if x is not None:

@@ -48,27 +48,25 @@ class PrefillGraphError(SlmflowError):
 def add_prefill_graph(
     folder: Path,
     weights_from: Path | None = None,
+    factors: dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> Path:
     """Write `folder`/prefill.onnx from the folder's decoder graph; its path. The weights (linears
     and LM head) come from `weights_from` where given: another build of the same checkpoint with
     finer weights (an int8 block-32 build for an int4 or block-128 one: requantized, coarser weights
-    cost more perplexity). Nothing is left behind on failure."""
+    cost more perplexity). `factors`: what smoothing_factors(folder, weights_from) returns, where
+    the caller has it already. Nothing is left behind on failure."""
     import onnx
 
-    layout, model_file, model = read_build(folder)
+    _, model_file, model = read_build(folder)
     linears = linears_of(model.graph)
     if not linears:
         raise PrefillGraphError("no prefill graph: the model has no int4/int8 (MatMulNBits) weights")
-    if weights_from is None:
-        finer, weight_of = None, linear_weights(model.graph, folder)
-    else:
-        finer = read_build(weights_from)[2].graph
-        weight_of = _weights_of_build(finer, weights_from)
-    activations = calibrate(model, folder, layout, linears)
-    _rewrite(model.graph, linears, weight_of, activations, progress)
+    if factors is None:
+        factors = smoothing_factors(folder, weights_from, progress)
+    _rewrite(model.graph, linears, _weight_source(model.graph, folder, weights_from), factors, progress)
     if weights_from is not None:
-        _take_lm_head(model.graph, finer, weights_from)
+        _take_lm_head(model.graph, read_build(weights_from)[2].graph, weights_from)
     target, data = folder / PREFILL_FILE, folder / DATA_FILE
     with _written_or_removed(target, data):
         onnx.save_model(
@@ -118,6 +116,42 @@ def linear_weights(graph: Any, folder: Path) -> Callable[[Any], Any]:
     """The float32 weights [K, N] of a MatMulNBits node of `graph` (in `folder`)."""
     load = _initializers(graph, folder)
     return lambda node: dequantize(node, load)
+
+
+def _weight_source(graph: Any, folder: Path, weights_from: Path | None) -> Callable[[Any], Any]:
+    """The float32 weights of `graph`'s linears: its own (in `folder`), or those of the build in
+    `weights_from`."""
+    if weights_from is None:
+        return linear_weights(graph, folder)
+    return _weights_of_build(read_build(weights_from)[2].graph, weights_from)
+
+
+def by_input(linears: list[Any]) -> dict[str, list[Any]]:
+    """The linears grouped by the input they read (the gate and up projections share one), in
+    graph order."""
+    readers: dict[str, list[Any]] = {}
+    for node in linears:
+        readers.setdefault(node.input[0], []).append(node)
+    return readers
+
+
+def smoothing_factors(
+    folder: Path, weights_from: Path | None = None, progress: Progress | None = None
+) -> dict[str, Any]:
+    """Each linear input's smoothing factors [K], by input name: calibrated on `folder`'s graph, for
+    its own weights or `weights_from`'s (add_prefill_graph). Computed once for both graphs of a
+    default int8 build (decode_graph.py smooths with the same)."""
+    layout, _, model = read_build(folder)
+    linears = linears_of(model.graph)
+    activations = calibrate(model, folder, layout, linears)
+    weight_of = _weight_source(model.graph, folder, weights_from)
+    groups = by_input(linears)
+    factors = {}
+    for x, group in groups.items():
+        factors[x] = smoothed(activations[x], [weight_of(node) for node in group])
+        if progress:
+            progress("choosing smoothing factors", len(factors), len(groups))
+    return factors
 
 
 def _weights_of_build(graph: Any, folder: Path) -> Callable[[Any], Any]:
@@ -245,7 +279,7 @@ def _rewrite(
     graph: Any,
     linears: list[Any],
     weight_of: Callable[[Any], Any],
-    activations: dict[str, Activations],
+    factors: dict[str, Any],
     progress: Progress | None,
 ) -> None:
     """Replace each linear with its input divided by the smoothing factors and quantized per token
@@ -264,9 +298,7 @@ def _rewrite(
         numpy_helper.from_array(np.array([128], np.uint8), "prefill/zero_1d"),
         numpy_helper.from_array(np.array([-1], np.int64), "prefill/last_axis"),
     ]
-    readers: dict[str, list[Any]] = {}
-    for node in linears:
-        readers.setdefault(node.input[0], []).append(node)
+    readers = by_input(linears)
     replaced = {id(node) for node in linears}
     shared: dict[str, tuple[str, str]] = {}  # by input: its quantized values and scales
     quantized: dict[str, tuple[Any, Any]] = {}  # by node name: its int8 weights and scales
@@ -278,11 +310,10 @@ def _rewrite(
             continue
         x, name = node.input[0], node.name
         if x not in shared:  # its first reader: smooth and quantize all its readers' weights
-            group = readers[x]
-            factors, weights = smoothed(activations[x], [weight_of(reader) for reader in group])
-            quantized.update({reader.name: w for reader, w in zip(group, weights, strict=True)})
-            added.append(numpy_helper.from_array(1 / factors, f"{name}/inverse_factors"))
-            nodes += _quantize_input(helper, x, name, len(factors))
+            smoothing = factors[x]
+            quantized.update({reader.name: per_column(weight_of(reader) * smoothing[:, None]) for reader in readers[x]})
+            added.append(numpy_helper.from_array(1 / smoothing, f"{name}/inverse_factors"))
+            nodes += _quantize_input(helper, x, name, len(smoothing))
             shared[x] = (f"{name}/x_q", f"{name}/x_scale")
         x_q, x_scale = shared[x]
         int8, scales = quantized.pop(name)
@@ -309,16 +340,16 @@ def _rewrite(
     graph.node.extend(nodes)
 
 
-def smoothed(seen: Activations, weights: list[Any]) -> tuple[Any, list[tuple[Any, Any]]]:
-    """Smoothing factors for one input [K], and each of its matrices [K, N] smoothed and quantized
-    (int8 [K, N], scales [N]): of the strengths in ALPHAS, the one whose quantized products are
-    closest to the float ones on the calibration sample (relative squared error, summed)."""
+def smoothed(seen: Activations, weights: list[Any]) -> Any:
+    """Smoothing factors [K] for one input read by `weights` (each [K, N]): of the strengths in
+    ALPHAS, the one whose quantized products (input per row, smoothed weights per column) are closest
+    to the float ones on the calibration sample (relative squared error, summed)."""
     import numpy as np
 
     x = seen.sample.astype(np.float32)
     exact = [x @ w for w in weights]
     weight_peak = np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
-    best: tuple[float, Any, list[tuple[Any, Any]]] | None = None
+    best: tuple[float, Any] | None = None
     for alpha in ALPHAS:
         factors = np.clip(
             np.maximum(seen.peak, 1e-5) ** alpha / np.maximum(weight_peak, 1e-5) ** (1 - alpha), 1e-3, 1e3
@@ -331,9 +362,9 @@ def smoothed(seen: Activations, weights: list[Any]) -> tuple[Any, list[tuple[Any
             for (q, scales), y in zip(quantized, exact, strict=True)
         )
         if best is None or error < best[0]:
-            best = (error, factors, quantized)
+            best = (error, factors)
     assert best is not None
-    return best[1], best[2]
+    return best[1]
 
 
 def per_row(x: Any) -> Any:
