@@ -183,24 +183,35 @@ def memory_32(folder: Path, document: str, followups: list[str], budget_mb: int)
 
 
 def model_folder(size: str, precision: str, block_size: int | None = None) -> Path:
-    """The fixture converted at `precision` (and int4/int8 `block_size`, else the default recipe),
-    with a prefill graph where the build gets one by default, cached under SLMFLOW_HOME."""
+    """The fixture converted at `precision` (and int4/int8 `block_size`, else the default recipe) as
+    `slmflow package` converts it, cached under SLMFLOW_HOME by what made it (converter_digest)."""
     from slmflow import convert
     from slmflow.checkpoints.fixture import build_fixture
     from slmflow.checkpoints.smol import build_smol
-    from slmflow.generation.decoder import PREFILL_FILE
     from slmflow.paths import slmflow_home
-    from slmflow.prefill_graph import add_prefill_graph
 
     checkpoint = build_smol() if size == "smol" else build_fixture("bench")
     quantization = convert.Quantization(block_size=block_size) if block_size else None
     suffix = f"-b{block_size}" if block_size else ""
-    folder = slmflow_home() / "bench-models" / f"{checkpoint.name}-{precision}{suffix}"
+    folder = slmflow_home() / "bench-models" / f"{checkpoint.name}-{precision}{suffix}-{converter_digest()}"
     if not (folder / "genai_config.json").is_file():
         convert.convert(checkpoint, folder, precision=precision, quantization=quantization)
-    if convert.uses_prefill_graph(precision, "cpu", None) and not (folder / PREFILL_FILE).is_file():
-        add_prefill_graph(folder)  # cached before builds had one
     return folder
+
+
+def converter_digest() -> str:
+    """What a build depends on besides its checkpoint and options: our conversion code and the
+    model builder's version. A cached build made by other code is never measured (one converted
+    before the decode graph was smoothed had kept the builder's)."""
+    import hashlib
+    from importlib.metadata import version
+
+    from slmflow import convert, decode_graph, prefill_graph
+
+    digest = hashlib.sha256(version("onnxruntime-genai").encode())
+    for module in (convert, prefill_graph, decode_graph):
+        digest.update(Path(module.__file__ or "").read_bytes())
+    return digest.hexdigest()[:10]
 
 
 @dataclass
