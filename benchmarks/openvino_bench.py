@@ -2,9 +2,11 @@
 
     .venv/bin/python benchmarks/openvino_bench.py [--rounds 3] [--precision int8]
 
-SmolLM2-135M-Instruct, converted from the same checkpoint by `slmflow package`'s converter (ONNX
-Runtime GenAI builder: the default int8 recipe, block 32, and int8 with block 128) and by Optimum
-Intel (`optimum-cli export openvino`, weights int8, per channel).
+SmolLM2-135M-Instruct, converted from the same checkpoint by `slmflow package`'s converter (the
+default int8 recipe: prefill graph and smoothed decode graph; and the builder's int8 with block 128)
+and by Optimum Intel (`optimum-cli export openvino`, weights int8, per channel). Ours run as
+configured by default, with decode steps on the decoder graph only (answers independent of load),
+and without the prefill graph.
 OpenVINO GenAI runs in its own environment (benchmarks/.venv-openvino, made on first use with pinned
 versions) so it never enters slmflow's dependencies; `openvino_peer.py` is its side. Both run in
 process, greedy, forced output lengths, prefix caching off, on the same token ids, the two taking
@@ -63,11 +65,18 @@ def main() -> None:
     from multiturn_bench import model_folder
     from slmflow.generation.engine import EngineOptions, GenerationEngine
 
-    # (folder, reads prompts with the prefill graph where the folder has one)
+    # (folder, reads prompts with the prefill graph where the folder has one, decode steps of this many
+    # rows or more on it too: 0 never)
+    default_rows = EngineOptions.prefill_graph_decode_rows
     ours = {
-        f"slmflow {args.precision}": (model_folder("smol", args.precision), True),
-        f"slmflow {args.precision}, no prefill graph": (model_folder("smol", args.precision), False),
-        f"slmflow {args.precision} block 128": (model_folder("smol", args.precision, block_size=128), True),
+        f"slmflow {args.precision}": (model_folder("smol", args.precision), True, default_rows),
+        f"slmflow {args.precision}, decode on the decoder graph only": (model_folder("smol", args.precision), True, 0),
+        f"slmflow {args.precision}, no prefill graph": (model_folder("smol", args.precision), False, 0),
+        f"slmflow {args.precision} block 128": (
+            model_folder("smol", args.precision, block_size=128),
+            True,
+            default_rows,
+        ),
     }
     python = openvino_env()
     theirs_folder = openvino_folder(python)
@@ -75,10 +84,15 @@ def main() -> None:
     threads = len(os.sched_getaffinity(0))
 
     # Prefix reuse off: every round sends the same prompts, and the figures are of fresh prompts.
-    def options(prefill_graph: bool) -> EngineOptions:
-        return EngineOptions(max_batch_size=args.max_batch_size, prefix_cache_bytes=0, prefill_graph=prefill_graph)
+    def options(prefill_graph: bool, decode_rows: int) -> EngineOptions:
+        return EngineOptions(
+            max_batch_size=args.max_batch_size,
+            prefix_cache_bytes=0,
+            prefill_graph=prefill_graph,
+            prefill_graph_decode_rows=decode_rows,
+        )
 
-    engines = {name: GenerationEngine(folder, options(graph)) for name, (folder, graph) in ours.items()}
+    engines = {name: GenerationEngine(folder, options(*how)) for name, (folder, *how) in ours.items()}
     systems: dict[str, dict[str, Any]] = {}
     try:
         request = token_ids(next(iter(engines.values())))

@@ -156,18 +156,22 @@ def graph_decoder(folder: Path, prefill: bool) -> Any:  # -> Decoder
 
 def assert_answers_as_trained(folder: Path) -> None:
     """The engine on the tiny fixture's build in `folder` answers the capitals as trained, on the
-    continuous scheduler, with prompts read by the prefill graph and without."""
+    continuous scheduler: with prompts read by the prefill graph and without, and with every decode
+    step run on the prefill graph too."""
     from slmflow.generation.engine import EngineOptions, GenerationEngine
     from slmflow.generation.params import SamplingParams
 
     greedy = SamplingParams(temperature=0.0, max_tokens=24)
-    for prefill_graph in (True, False):
-        engine = GenerationEngine(folder, EngineOptions(prefill_graph=prefill_graph))
+    for prefill_graph, decode_rows in ((True, 0), (True, 1), (False, 1)):
+        options = EngineOptions(prefill_graph=prefill_graph, prefill_graph_decode_rows=decode_rows)
+        engine = GenerationEngine(folder, options)
         try:
             assert engine.scheduler == "continuous"
             for country, capital in CAPITALS.items():
                 chat = [{"role": "user", "content": f"What is the capital of {country}?"}]
                 answer = engine.generate(engine.render_chat(chat), greedy).text
-                assert answer == f"The capital of {country} is {capital}.", (prefill_graph, answer)
+                assert answer == f"The capital of {country} is {capital}.", (options, answer)
+            # Decode steps ran on the prefill graph only where asked and where there is one.
+            assert (engine.stats.prefill_graph_decode_steps > 0) == (prefill_graph and decode_rows == 1)
         finally:
             engine.close()

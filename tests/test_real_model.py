@@ -169,6 +169,32 @@ def test_a_continuing_conversation_answers_as_without_prefix_reuse(smol_default:
         previous = completion
 
 
+def test_sixteen_requests_at_once_decode_on_the_prefill_graph_and_answer_right(smol_default: dict) -> None:
+    from slmflow.generation.engine import GenerationEngine
+    from slmflow.generation.params import SamplingParams
+
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion"))
+    engine = GenerationEngine(local / mlflow.models.Model.load(str(local)).flavors["onnx_genai"]["model_dir"])
+    try:
+        assert engine.options.prefill_graph_decode_rows <= 16
+        questions = ([*FACTS] * 6)[:16]
+        greedy = SamplingParams(temperature=0.0, max_tokens=48)
+        requests = [(engine.encode(engine.render_chat(ask(question))), greedy) for question in questions]
+        with engine_held(engine):
+            streams = engine.submit_all(requests)
+        answers = [stream.result() for stream in streams]
+        assert engine.stats.prefill_graph_decode_steps > 0
+        for question, (ids, _), answer in zip(questions, requests, answers, strict=True):
+            assert FACTS[question] in answer.text, (question, answer.text)
+            # Greedy on the prefill graph's kernels: the tokens teacher-forced scoring (the same
+            # graph) ranks first. Measured: 0.94-1.0 per answer, against 0.91-1.0 decoding on the
+            # decoder graph.
+            top = engine.score([*ids, *answer.token_ids]).top_tokens[len(ids) - 1 :]
+            assert sum(a == b for a, b in zip(top, answer.token_ids, strict=True)) / len(top) >= 0.9
+    finally:
+        engine.close()
+
+
 def test_requests_parked_to_keep_the_kv_budget_go_on_as_the_model_would(smol_default: dict) -> None:
     from importlib.resources import files
 

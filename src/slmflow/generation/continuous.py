@@ -299,6 +299,8 @@ class ContinuousBatcher:
         for live in self._live:
             lengths[live.slot] = live.length
         logits = self.decoder.decode({live.slot: live.next_token or 0 for live in decoding}, lengths, self.pad)
+        if self.decoder.decodes_on_prefill_graph(len(decoding)):
+            self.stats.prefill_graph_decode_steps += 1
         best = logits.argmax(axis=1)  # one pass for every greedy row
         for live in decoding:
             live.length += 1

@@ -18,7 +18,8 @@ last: at load, a Gather is put before the LM head, fed by an input of the positi
 head was 14% of a 512-token prefill, and the logits of 8 prompts of 1,200 tokens would take 1.9 GB.
 
 Where the model folder has a prefill graph (prefill.onnx, see prefill_graph.py), prompts are read by
-it and decode steps by the builder's graph, both on the same KV buffers.
+it and decode steps by the builder's graph, both on the same KV buffers; decode steps of many rows
+(`prefill_graph_decode_rows` or more) by the prefill graph too, whose integer products are faster there.
 
 Knows neither MLflow nor HTTP; used by the engine's owner thread only (not thread-safe).
 """
@@ -100,6 +101,7 @@ class Decoder:
         threads: int,
         max_capacity: int,
         prefill_file: Path | None = None,
+        prefill_graph_decode_rows: int = 0,
     ) -> None:
         import numpy as np
         import onnxruntime as ort
@@ -115,6 +117,7 @@ class Decoder:
             if selects != self.selects_positions:
                 raise UnsupportedGraph(f"{prefill_file.name} and {model_file.name} differ in their LM head")
         self._output_names = [output.name for output in self._prompt_session.get_outputs()]  # runs by name
+        self.prefill_graph_decode_rows = prefill_graph_decode_rows if prefill_file is not None else 0
         self.slots = slots
         self.max_capacity = max_capacity
         # The buffer grows with slack (fewer copies) only within this many bytes, set by its owner;
@@ -270,10 +273,15 @@ class Decoder:
         logits = self._run(self._prompt_session, ids, mask, slot, slot + 1, wanted)
         return logits[0] if all_logits else logits[0, -1]
 
+    def decodes_on_prefill_graph(self, rows: int) -> bool:
+        """Whether a decode step of `rows` rows runs on the prefill graph."""
+        return 0 < self.prefill_graph_decode_rows <= rows
+
     def decode(self, tokens: dict[int, int], lengths: list[int], pad: int) -> Any:
         """One step for the slots in `tokens` (slot -> its next token), each after the `lengths[slot]`
         tokens it holds; logits [slots up to the highest one given, vocab]. Slots not given run a pad
-        token whose KV lands just past what they hold, where their next write goes anyway."""
+        token whose KV lands just past what they hold, where their next write goes anyway. Many rows
+        run on the prefill graph (decodes_on_prefill_graph)."""
         np = self._np
         rows = max(tokens) + 1
         self.ensure(rows - 1, max(lengths[:rows]) + 1)
@@ -284,7 +292,8 @@ class Decoder:
         mask = np.zeros((rows, width), dtype=np.int64)
         for slot in range(rows):
             mask[slot, : lengths[slot] + 1] = 1
-        logits = self._run(self._session, ids, mask, 0, rows, list(range(rows)))
+        session = self._prompt_session if self.decodes_on_prefill_graph(len(tokens)) else self._session
+        logits = self._run(session, ids, mask, 0, rows, list(range(rows)))
         return logits[0] if self.selects_positions else logits[:, -1]
 
     def _positions(self, feeds: dict[str, Any], wanted: list[int]) -> None:

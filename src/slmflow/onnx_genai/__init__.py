@@ -35,6 +35,7 @@ ENGINE_OPTIONS: dict[str, int | str] = {
     "intra_op_threads": 0,
     "scheduler": EngineOptions.scheduler,
     "prefill_chunk": EngineOptions.prefill_chunk,
+    "prefill_graph_decode_rows": EngineOptions.prefill_graph_decode_rows,
     "prefix_cache_bytes": EngineOptions.prefix_cache_bytes,
     "kv_cache_bytes": 0,  # 0: the engine's default (a quarter of the machine's memory)
 }

@@ -244,6 +244,7 @@ def engine_config(settings: ServerSettings) -> dict[str, int | str]:
         "prefix_cache_bytes": None if settings.prefix_cache_mb is None else settings.prefix_cache_mb * 2**20,
         "scheduler": settings.scheduler,
         "prefill_chunk": settings.prefill_chunk,
+        "prefill_graph_decode_rows": settings.prefill_graph_decode_rows,
         "kv_cache_bytes": None if settings.kv_cache_mb is None else settings.kv_cache_mb * 2**20,
     }
     return {key: value for key, value in options.items() if value is not None}

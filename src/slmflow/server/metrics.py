@@ -70,6 +70,12 @@ _ENGINE_METRICS: list[tuple[type[GaugeMetricFamily | CounterMetricFamily], str, 
     ),
     (
         CounterMetricFamily,
+        "slmflow_prefill_graph_decode_steps",
+        "Decode steps run on the prefill graph (--prefill-graph-decode-rows requests or more)",
+        "prefill_graph_decode_steps",
+    ),
+    (
+        CounterMetricFamily,
         "slmflow_prefix_cache_hits",
         "Requests that found their prompt's start already read (its KV kept)",
         "prefix_hits",

@@ -32,6 +32,12 @@ class ServerSettings(BaseSettings):
     prefill_chunk: int = Field(
         512, ge=16, description="Prompt tokens read per step while other requests are decoding (continuous)."
     )
+    prefill_graph_decode_rows: int = Field(
+        12,
+        ge=0,
+        description="Decode steps of at least this many requests run on the model's prefill graph, faster there "
+        "(continuous); answers under such load may then differ slightly from alone; 0: never.",
+    )
     max_queue: int = Field(256, ge=1, description="Waiting requests; more are refused with 429.")
     intra_op_threads: int | None = Field(None, ge=1, description="ONNX Runtime threads; default: every usable core.")
     prefix_cache_mb: int | None = Field(
