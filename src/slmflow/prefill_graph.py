@@ -12,8 +12,10 @@ quantized product on a sample of the calibration text's activations. Weights get
 output channel, from the builder's own (dequantized) weights.
 
 Decoding stays on the decoder graph (decode_graph.py smooths it in default int8 builds): at one
-token per row, the extra quantizing ops cost more than they save (66 vs 127 tokens/s for one stream). The LM head stays a MatMulNBits: reading a prompt
-needs only its last position's logits. Measured quality and speed: docs/packaging.md.
+token per row, the extra quantizing ops cost more than they save (66 vs 127 tokens/s for one
+stream); only decode steps of many rows run here (generation/decoder.py, prefill_graph_decode_rows).
+The LM head stays a MatMulNBits: reading a prompt needs only its last position's logits. Measured
+quality and speed: docs/packaging.md.
 
 The graph is written beside the builder's as prefill.onnx (+ prefill.onnx.data, only the new
 matrices: the rest still reads model.onnx.data). The direct decoder (generation/decoder.py) reads
