@@ -12,6 +12,7 @@ import yaml
 from mlflow.exceptions import MlflowException
 
 from slmflow import onnx_genai
+from slmflow.errors import SlmflowError
 from slmflow.onnx_genai.schema import CHAT_EXAMPLE, PROMPT_EXAMPLE
 
 JOKE = "Why can't you trust an atom? Because they make up everything!"
@@ -173,6 +174,25 @@ def test_more_rows_than_the_queue_holds_are_all_answered(chat_model_path: Path) 
     frame = pd.DataFrame({"messages": [[{"role": "user", "content": "What is the capital of Peru?"}]] * 9})
     answers = [r["choices"][0]["message"]["content"] for r in model.predict(frame)]
     assert answers == ["The capital of Peru is Lima."] * 9
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"max_batch_size": 0}, "engine option max_batch_size must be a whole number >= 1; got 0"),
+        ({"max_batch_size": "many"}, "engine option max_batch_size must be a whole number >= 1; got 'many'"),
+        ({"prefill_chunk": 8}, "engine option prefill_chunk must be a whole number >= 16; got 8"),
+        ({"prefill_graph_decode_rows": -1}, "prefill_graph_decode_rows must be a whole number >= 0; got -1"),
+        ({"scheduler": "fast"}, "unknown scheduler 'fast'"),
+    ],
+)
+def test_a_bad_engine_option_in_model_config_is_refused_by_name(
+    chat_model_path: Path, config: dict, message: str
+) -> None:
+    # A zero batch size had loaded and then hung every request; a string, a thread's traceback.
+    with pytest.raises(SlmflowError) as refused:
+        mlflow.pyfunc.load_model(str(chat_model_path), model_config=config)
+    assert message in str(refused.value)
 
 
 def test_a_dropped_model_stops_its_engine(chat_model_path: Path) -> None:

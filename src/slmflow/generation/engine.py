@@ -86,6 +86,28 @@ class EngineOptions:
     # differ from the same request's alone (0 keeps answers independent of load).
     prefill_graph_decode_rows: int = 12
 
+    def __post_init__(self) -> None:
+        """Refuse a bad option by name: they come from model config too (any JSON a host passes to
+        `mlflow.pyfunc.load_model`), where a zero batch size had hung every request and a string a
+        thread's traceback."""
+        if self.scheduler not in ("auto", "continuous", "genai"):
+            raise SlmflowError(f"unknown scheduler {self.scheduler!r}: use auto, continuous or genai")
+        least = {"max_batch_size": 1, "max_queue": 1, "join_steps": 0, "prefill_chunk": 16}
+        least |= {"prefix_cache_bytes": 0, "prefix_min_tokens": 1, "prefill_graph_decode_rows": 0}
+        least |= {"intra_op_threads": 1, "kv_cache_bytes": 1}  # or None: the engine's default
+        for name, minimum in least.items():
+            value = getattr(self, name)
+            if value is None and name in ("intra_op_threads", "kv_cache_bytes"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise SlmflowError(f"engine option {name} must be a whole number >= {minimum}; got {value!r}")
+        for name in ("batch_wait_s", "max_batch_wait_s"):
+            value = getattr(self, name)
+            if value is None and name == "batch_wait_s":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+                raise SlmflowError(f"engine option {name} must be a number of seconds >= 0; got {value!r}")
+
 
 @dataclass(eq=False)  # identity: requests are found in the queue by who they are
 class _Request:
@@ -390,8 +412,6 @@ class GenerationEngine:
         self._og, self._genai_config = og, config
         self._tokenizer = og.Tokenizer(config)
         self._tokenizer_lock = threading.Lock()
-        if self.options.scheduler not in ("auto", "continuous", "genai"):
-            raise SlmflowError(f"unknown scheduler {self.options.scheduler!r}: use auto, continuous or genai")
         if self.options.scheduler != "genai":
             try:
                 layout, model_file = layout_of(self._config, self.model_dir)
