@@ -176,8 +176,9 @@ def convert(
         # One calibration for both graphs of a default int8 build: the same activations and weights.
         factors = smoothing_factors(staging, progress=progress) if smooths else None
         if with_prefill_graph:
-            finest = precision == "int8" and recipe_for(precision, quantization) == DEFAULT_RECIPES["int8"]
-            _add_prefill_graph(source, staging, finest, factors, cache, num_layers, progress)
+            # Prefill graphs are CPU-only: the builds it smooths are the ones whose own weights are
+            # int8 block 32, the finest the prefill graph takes.
+            _add_prefill_graph(source, staging, smooths, factors, cache, num_layers, progress)
         if smooths:
             smooth_decode_graph(staging, factors, progress=progress)
         if output.exists():

@@ -94,16 +94,17 @@ class EngineOptions:
             raise SlmflowError(f"unknown scheduler {self.scheduler!r}: use auto, continuous or genai")
         least = {"max_batch_size": 1, "max_queue": 1, "join_steps": 0, "prefill_chunk": 16}
         least |= {"prefix_cache_bytes": 0, "prefix_min_tokens": 1, "prefill_graph_decode_rows": 0}
-        least |= {"intra_op_threads": 1, "kv_cache_bytes": 1}  # or None: the engine's default
+        least |= {"intra_op_threads": 1, "kv_cache_bytes": 1}
+        defaulted = ("intra_op_threads", "kv_cache_bytes", "batch_wait_s")  # None: the engine's default
         for name, minimum in least.items():
             value = getattr(self, name)
-            if value is None and name in ("intra_op_threads", "kv_cache_bytes"):
+            if value is None and name in defaulted:
                 continue
             if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
                 raise SlmflowError(f"engine option {name} must be a whole number >= {minimum}; got {value!r}")
         for name in ("batch_wait_s", "max_batch_wait_s"):
             value = getattr(self, name)
-            if value is None and name == "batch_wait_s":
+            if value is None and name in defaulted:
                 continue
             if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
                 raise SlmflowError(f"engine option {name} must be a number of seconds >= 0; got {value!r}")
