@@ -49,6 +49,13 @@ def smol_default(smol_checkpoint: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
+def champion_folder(smol_default: dict) -> Path:
+    """The registered default package's ONNX Runtime GenAI folder, downloaded once."""
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion"))
+    return local / mlflow.models.Model.load(str(local)).flavors["onnx_genai"]["model_dir"]
+
+
+@pytest.fixture(scope="module")
 def smol_server(smol_default: dict) -> Iterator[LiveServer]:
     yield from serve(ServerSettings(model_uri=f"models:/{NAME}@champion"))
 
@@ -124,21 +131,19 @@ def first_prompt_tokens(answers: dict[str, list]) -> int:
     return answers["reusing"][0].usage.prompt_tokens
 
 
-def test_a_continuing_conversation_answers_as_without_prefix_reuse(smol_default: dict) -> None:
+def test_a_continuing_conversation_answers_as_without_prefix_reuse(champion_folder: Path) -> None:
     from importlib.resources import files
 
     from slmflow.generation.engine import EngineOptions, GenerationEngine
     from slmflow.generation.params import SamplingParams
 
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion"))
-    folder = local / mlflow.models.Model.load(str(local)).flavors["onnx_genai"]["model_dir"]
     text = files("slmflow.data").joinpath("reference.txt").read_text()[:1500]
     turns = [f"Here is a text:\n{text}\nWhat is it about?", *FACTS]
     greedy = SamplingParams(temperature=0.0, max_tokens=48)
     answers: dict[str, list] = {}
     batched: dict[str, list] = {}
     for name, options in {"reusing": EngineOptions(), "fresh": EngineOptions(prefix_cache_bytes=0)}.items():
-        engine = GenerationEngine(folder, options)
+        engine = GenerationEngine(champion_folder, options)
         try:
             messages: list[dict[str, str]] = []
             for turn in turns:
@@ -169,12 +174,11 @@ def test_a_continuing_conversation_answers_as_without_prefix_reuse(smol_default:
         previous = completion
 
 
-def test_sixteen_requests_at_once_decode_on_the_prefill_graph_and_answer_right(smol_default: dict) -> None:
+def test_sixteen_requests_at_once_decode_on_the_prefill_graph_and_answer_right(champion_folder: Path) -> None:
     from slmflow.generation.engine import GenerationEngine
     from slmflow.generation.params import SamplingParams
 
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion"))
-    engine = GenerationEngine(local / mlflow.models.Model.load(str(local)).flavors["onnx_genai"]["model_dir"])
+    engine = GenerationEngine(champion_folder)
     try:
         assert engine.options.prefill_graph_decode_rows <= 16
         questions = ([*FACTS] * 6)[:16]
@@ -195,18 +199,16 @@ def test_sixteen_requests_at_once_decode_on_the_prefill_graph_and_answer_right(s
         engine.close()
 
 
-def test_requests_parked_to_keep_the_kv_budget_go_on_as_the_model_would(smol_default: dict) -> None:
+def test_requests_parked_to_keep_the_kv_budget_go_on_as_the_model_would(champion_folder: Path) -> None:
     from importlib.resources import files
 
     from slmflow.generation.engine import EngineOptions, GenerationEngine
     from slmflow.generation.params import SamplingParams
 
-    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion"))
-    folder = local / mlflow.models.Model.load(str(local)).flavors["onnx_genai"]["model_dir"]
     # The smallest budget: one request at the full context (8,192 positions). Five prompts of about
     # 1,500 tokens fit (5 x 1,536 positions); within their first 40 answer tokens they outgrow it, and
     # the newest is parked until the others end: most of its answer comes after it resumed.
-    engine = GenerationEngine(folder, EngineOptions(kv_cache_bytes=1))
+    engine = GenerationEngine(champion_folder, EngineOptions(kv_cache_bytes=1))
     try:
         assert engine.stats.kv_budget_bytes == engine.context_length * engine._batcher.decoder.layout.bytes_per_token
         data = files("slmflow.data")
