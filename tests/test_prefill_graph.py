@@ -88,8 +88,10 @@ def test_a_build_with_coarser_weights_gets_its_prefill_graph_weights_from_an_int
         return {a.name: a.i for a in node.attribute}.get("bits", 0)
 
     name = next(n for n, node in nodes4.items() if node.op_type == "MatMulNBits" and bits(node) == 4)
-    # The first linear (layer 0's attention input) is the only reader of its input: its smoothing
-    # factors are its own. Unsmoothed, its weights are the int8 build's within a rounding step.
+    # The first 4-bit linear (the recipe keeps layer 0's attention input in int8) is layer 0's
+    # attention output projection, the only reader of its input: its smoothing factors are its own,
+    # divided by a Mul. Unsmoothed, its weights are the int8 build's within a rounding step.
+    assert name.endswith("o_proj/MatMul_Q4")
     step = prefill[f"{name}/scales"] * prefill[f"{name}/inverse_factors"][:, None]
     ours = prefill[f"{name}/int8"].astype(np.float32) * step
     from_int8 = dequantize(nodes8[name.replace("_Q4", "_Q8")], arrays8.__getitem__)

@@ -7,7 +7,8 @@ builder's block 128 cost +1.40% perplexity on 8,192 tokens against block 32's +0
 input by the prefill graph's smoothing factors (prefill_graph.smoothing_factors: chosen per input on
 the calibration text; computed once for both graphs) and multiplying the weights' rows by the same
 moves the outliers into the weights, where block 64 costs less than the builder's block 32 did, and
-decodes 10-15% faster. One Mul per input does the division. Measured figures: docs/packaging.md.
+decodes 10-15% faster. The division is folded into the norm or linear making the input where it can
+be (prefill_graph.Folds), else one Mul per input does it. Measured figures: docs/packaging.md.
 
 The prefill graph, built before from the builder's block-32 weights, keeps them; what it shares with
 the builder's file (embeddings, norms, LM head) is pointed at the rewritten data file.
@@ -22,7 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from slmflow.generation.decoder import PREFILL_FILE
-from slmflow.prefill_graph import by_input, linear_weights, linears_of, read_build, smoothing_factors
+from slmflow.prefill_graph import (
+    by_input,
+    fold_into_norms,
+    folds,
+    linear_weights,
+    linears_of,
+    read_build,
+    smoothing_factors,
+)
 from slmflow.progress import Progress
 
 DECODE_BLOCK = 64
@@ -44,7 +53,7 @@ def smooth_decode_graph(
     if factors is None:
         factors = smoothing_factors(folder, progress=progress)
     linears = linears_of(model.graph)
-    _rewrite(model.graph, linears, linear_weights(model.graph, folder), factors, block_size, progress)
+    _rewrite(model.graph, folder, linears, linear_weights(model.graph, folder), factors, block_size, progress)
     onnx.load_external_data_for_model(model, str(folder))  # what it keeps, before its file is replaced
     data_name = model_file.name + ".data"
     staging = folder / STAGING
@@ -70,32 +79,40 @@ def smooth_decode_graph(
 
 def _rewrite(
     graph: Any,
+    folder: Path,
     linears: list[Any],
     weight_of: Callable[[Any], Any],
     factors: dict[str, Any],
     block_size: int,
     progress: Progress | None,
 ) -> None:
-    """Each linear's input divided by its smoothing factors (one Mul per input, shared by the
-    matrices reading it), its weights smoothed and requantized at `block_size`."""
+    """Each linear's input divided by its smoothing factors (folded into the norm or linear making
+    it where it can be, prefill_graph.Folds; else one Mul per input, shared by the matrices reading
+    it), its weights smoothed and requantized at `block_size`."""
     import numpy as np
     from onnx import helper, numpy_helper
 
-    dropped = {name for node in linears for name in node.input[1:] if name}
+    folded = folds(graph, linears)
+    added, dropped = fold_into_norms(graph, folded, factors, folder)
+    dropped |= {name for node in linears for name in node.input[1:] if name}
     readers = by_input(linears)
     replaced = {id(node) for node in linears}
     smoothed_input: dict[str, str] = {}
-    added: list[Any] = []
     nodes: list[Any] = []
     for node in graph.node:
         x = node.input[0] if id(node) in replaced else None
-        if x is not None and x not in smoothed_input:  # its first reader: the Mul goes before it
+        if x is not None and x not in smoothed_input:  # its first reader: requantize its readers
             smoothing = factors[x]
-            added.append(numpy_helper.from_array((1 / smoothing).astype(np.float32), f"{node.name}/inverse_factors"))
-            smoothed_input[x] = f"{node.name}/smoothed_input"
-            nodes.append(helper.make_node("Mul", [x, f"{node.name}/inverse_factors"], [smoothed_input[x]]))
+            smoothed_input[x] = x
+            if not folded.folded(x):  # a Mul divides it, before its first reader
+                added.append(
+                    numpy_helper.from_array((1 / smoothing).astype(np.float32), f"{node.name}/inverse_factors")
+                )
+                smoothed_input[x] = f"{node.name}/smoothed_input"
+                nodes.append(helper.make_node("Mul", [x, f"{node.name}/inverse_factors"], [smoothed_input[x]]))
             for reader in readers[x]:
-                _requantize(reader, weight_of(reader) * smoothing[:, None], block_size, added)
+                weights = weight_of(reader) * smoothing[:, None] / folded.column_factors(reader, factors)
+                _requantize(reader, weights, block_size, added)
             if progress:
                 progress("smoothing the decode graph", len(smoothed_input), len(readers))
         if x is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib.resources import files
@@ -66,7 +67,7 @@ def add_prefill_graph(
         raise PrefillGraphError("no prefill graph: the model has no int4/int8 (MatMulNBits) weights")
     if factors is None:
         factors = smoothing_factors(folder, weights_from, progress)
-    _rewrite(model.graph, linears, _weight_source(model.graph, folder, weights_from), factors, progress)
+    _rewrite(model.graph, folder, linears, _weight_source(model.graph, folder, weights_from), factors, progress)
     if weights_from is not None:
         _take_lm_head(model.graph, read_build(weights_from)[2].graph, weights_from)
     target, data = folder / PREFILL_FILE, folder / DATA_FILE
@@ -135,6 +136,70 @@ def by_input(linears: list[Any]) -> dict[str, list[Any]]:
     for node in linears:
         readers.setdefault(node.input[0], []).append(node)
     return readers
+
+
+# Norms whose weight (input index) scales their output: smoothing factors fold into it.
+NORMS = {"SimplifiedLayerNormalization": 1, "SkipSimplifiedLayerNormalization": 2}
+
+
+@dataclass(frozen=True)
+class Folds:
+    """Where an input's smoothing division goes instead of a Mul node before its linears: into the
+    weight of the norm that makes it (attention and MLP inputs), or into the output columns of the
+    linear whose output is multiplied into it (the MLP's up projection, for the down projection's
+    input). Both are exact: x / s is the norm's output with weight / s, and act(gate) * (up / s).
+    A Mul node per input cost a small model's decode step more than its arithmetic (node overhead)."""
+
+    norms: dict[str, Any]  # by input: the norm node making it
+    columns: dict[str, str]  # by linear node name: the input whose factors divide its output columns
+
+    def folded(self, x: str) -> bool:
+        return x in self.norms or x in self.columns.values()
+
+    def column_factors(self, node: Any, factors: dict[str, Any]) -> Any:
+        """What `node`'s output columns are divided by (1 where nothing is folded into them)."""
+        return factors[self.columns[node.name]] if node.name in self.columns else 1
+
+
+def folds(graph: Any, linears: list[Any]) -> Folds:
+    """The inputs of `linears` whose smoothing can be folded, and where: only where nothing but
+    those linears reads the input, and nothing but the fold reads what is changed."""
+    made_by = {output: node for node in graph.node for output in node.output if output}
+    reads = Counter(name for node in graph.node for name in node.input if name)
+    reads.update(output.name for output in graph.output)
+    weights = {tensor.name for tensor in graph.initializer}
+    linear_making = {node.output[0]: node for node in linears}
+    norms: dict[str, Any] = {}
+    columns: dict[str, str] = {}
+    for x, group in by_input(linears).items():
+        maker = made_by.get(x)
+        if maker is None or reads[x] != len(group):
+            continue
+        if maker.op_type in NORMS and maker.output[0] == x:
+            weight = maker.input[NORMS[maker.op_type]]
+            if weight in weights and reads[weight] == 1:
+                norms[x] = maker
+        elif maker.op_type == "Mul":
+            linear = next((linear_making[i] for i in maker.input if i in linear_making and reads[i] == 1), None)
+            if linear is not None:
+                columns[linear.name] = x
+    return Folds(norms, columns)
+
+
+def fold_into_norms(graph: Any, folded: Folds, factors: dict[str, Any], folder: Path) -> tuple[list[Any], set[str]]:
+    """Divide the weight of each norm in `folded` by its input's factors: the new weights, and the
+    names of the ones they replace. The nodes are rewired in place."""
+    from onnx import numpy_helper
+
+    load = _initializers(graph, folder)
+    added, dropped = [], set()
+    for x, norm in folded.norms.items():
+        index = NORMS[norm.op_type]
+        weight = load(norm.input[index])
+        dropped.add(norm.input[index])
+        norm.input[index] = f"{norm.name}/smoothed_weight"
+        added.append(numpy_helper.from_array((weight / factors[x]).astype(weight.dtype), norm.input[index]))
+    return added, dropped
 
 
 def smoothing_factors(
@@ -279,21 +344,23 @@ class Activations:
 
 def _rewrite(
     graph: Any,
+    folder: Path,
     linears: list[Any],
     weight_of: Callable[[Any], Any],
     factors: dict[str, Any],
     progress: Progress | None,
 ) -> None:
-    """Replace each linear with its input divided by the smoothing factors and quantized per token
-    (uint8, zero point 128), through MatMulIntegerToFloat with its smoothed weights (int8, one scale
-    per output channel). Matrices reading the same input (the gate and up projections) share the
-    factors and the quantized input. One input's matrices in float32 at a time: a 3.8B model's all
-    would take 15 GB at once."""
+    """Replace each linear with its input divided by the smoothing factors (folded where it can
+    be: Folds) and quantized per token (uint8, zero point 128), through MatMulIntegerToFloat with
+    its smoothed weights (int8, one scale per output channel). Matrices reading the same input (the
+    gate and up projections) share the factors and the quantized input. One input's matrices in
+    float32 at a time: a 3.8B model's all would take 15 GB at once."""
     import numpy as np
     from onnx import helper, numpy_helper
 
-    added = [
-        numpy_helper.from_array(np.array(1e-8, np.float32), "prefill/eps"),
+    folded = folds(graph, linears)
+    added, dropped = fold_into_norms(graph, folded, factors, folder)
+    added += [
         numpy_helper.from_array(np.array(1 / 127, np.float32), "prefill/inv127"),
         numpy_helper.from_array(np.array(1, np.float32), "prefill/one"),
         numpy_helper.from_array(np.array(128, np.uint8), "prefill/zero"),
@@ -313,9 +380,20 @@ def _rewrite(
         x, name = node.input[0], node.name
         if x not in shared:  # its first reader: smooth and quantize all its readers' weights
             smoothing = factors[x]
-            quantized.update({reader.name: per_column(weight_of(reader) * smoothing[:, None]) for reader in readers[x]})
-            added.append(numpy_helper.from_array(1 / smoothing, f"{name}/inverse_factors"))
-            nodes += _quantize_input(helper, x, name, len(smoothing))
+            quantized.update(
+                {
+                    reader.name: per_column(
+                        weight_of(reader) * smoothing[:, None] / folded.column_factors(reader, factors)
+                    )
+                    for reader in readers[x]
+                }
+            )
+            smooth = x
+            if not folded.folded(x):
+                smooth = f"{name}/x_smooth"
+                added.append(numpy_helper.from_array(1 / smoothing, f"{name}/inverse_factors"))
+                nodes.append(helper.make_node("Mul", [x, f"{name}/inverse_factors"], [smooth]))
+            nodes += _quantize_input(helper, smooth, name, len(smoothing), first=not shared)
             shared[x] = (f"{name}/x_q", f"{name}/x_scale")
         x_q, x_scale = shared[x]
         int8, scales = quantized.pop(name)
@@ -334,7 +412,7 @@ def _rewrite(
         if progress:
             progress("building the prefill graph", done, len(linears))
     # The builder's packed weights go last (the loader read them from the graph until now).
-    dropped = {name for node in linears for name in node.input[1:] if name}
+    dropped |= {name for node in linears for name in node.input[1:] if name}
     kept = [tensor for tensor in graph.initializer if tensor.name not in dropped]
     del graph.initializer[:]
     graph.initializer.extend([*kept, *added])
@@ -385,21 +463,24 @@ def per_column(w: Any) -> tuple[Any, Any]:
     return np.clip(np.round(w / scales), -127, 127).astype(np.int8), scales
 
 
-def _quantize_input(helper: Any, x: str, name: str, channels: int) -> list[Any]:
-    """x divided by its smoothing factors, as uint8 (zero point 128) with one scale per token:
-    QuantizeLinear in blocks of a whole row, its zero points shaped like its scales."""
+def _quantize_input(helper: Any, x: str, name: str, channels: int, first: bool) -> list[Any]:
+    """x (smoothed) as uint8 (zero point 128) with one scale per token: QuantizeLinear in blocks of
+    a whole row. Its zero points must be shaped like its scales, [batch, tokens, 1] for every input:
+    made once, by the `first` input's nodes. A row of zeros gets the scale 0 and some values from
+    0 / 0, which its product's multiplication by that scale turns back into zeros: no epsilon op."""
     p = name
+    zero = [
+        helper.make_node("Shape", [f"{p}/x_scale"], ["prefill/x_scale_shape"]),
+        helper.make_node("Expand", ["prefill/zero_1d", "prefill/x_scale_shape"], ["prefill/x_zero"]),
+    ]
     return [
-        helper.make_node("Mul", [x, f"{p}/inverse_factors"], [f"{p}/x_smooth"]),
-        helper.make_node("Abs", [f"{p}/x_smooth"], [f"{p}/x_abs"]),
+        helper.make_node("Abs", [x], [f"{p}/x_abs"]),
         helper.make_node("ReduceMax", [f"{p}/x_abs", "prefill/last_axis"], [f"{p}/x_peak"], keepdims=1),
-        helper.make_node("Max", [f"{p}/x_peak", "prefill/eps"], [f"{p}/x_peak_safe"]),
-        helper.make_node("Mul", [f"{p}/x_peak_safe", "prefill/inv127"], [f"{p}/x_scale"]),
-        helper.make_node("Shape", [f"{p}/x_scale"], [f"{p}/x_scale_shape"]),
-        helper.make_node("Expand", ["prefill/zero_1d", f"{p}/x_scale_shape"], [f"{p}/x_zero"]),
+        helper.make_node("Mul", [f"{p}/x_peak", "prefill/inv127"], [f"{p}/x_scale"]),
+        *(zero if first else []),
         helper.make_node(
             "QuantizeLinear",
-            [f"{p}/x_smooth", f"{p}/x_scale", f"{p}/x_zero"],
+            [x, f"{p}/x_scale", "prefill/x_zero"],
             [f"{p}/x_q"],
             axis=-1,
             block_size=channels,
