@@ -69,7 +69,13 @@ def main() -> None:
         total += math.log(perplexity) * (len(window) - 1)
         count += len(window) - 1
     results["OpenVINO GenAI int8"] = math.exp(total / count)
-    write(results, len(ids), [str(path.relative_to(HERE.parent)) for path in args.text], args.out)
+    write(results, len(ids), [shown(path) for path in args.text], args.out)
+
+
+def shown(path: Path) -> str:
+    """A text's path as the results name it: within the repository, relative to it."""
+    path = path.resolve()
+    return str(path.relative_to(HERE.parent)) if path.is_relative_to(HERE.parent) else str(path)
 
 
 def windows(ids: list[int]) -> list[list[int]]:

@@ -78,13 +78,13 @@ class EngineOptions:
     # prefill_graph.py) where it has one.
     prefill_graph: bool = True
     # ... and run decode steps of at least this many rows on it too (0: never). Its integer products
-    # beat the decoder graph's MatMulNBits when many rows decode together, and lose for a few.
-    # Measured, SmolLM2 int8, a decode step at ~130 tokens (direct decoder, 5 alternated rounds, two
-    # runs): 4 rows 13.4 vs 13.2 ms, 8 rows 18.7-20.2 vs 17.4-19.8, 12 rows 27.6 vs 24.4, 16 rows
-    # 30.9-34.2 vs 24.6-30.8. A row's tokens then come from the prefill graph's kernels, whose
-    # figures differ from the decoder graph's in the last bits: under such load a greedy answer can
-    # differ from the same request's alone (0 keeps answers independent of load).
-    prefill_graph_decode_rows: int = 12
+    # beat the decoder graph's MatMulNBits when several rows decode together, and lose for a few.
+    # Measured, SmolLM2 int8, a decode step at ~120 tokens (direct decoder, 5 alternated rounds),
+    # decoder vs prefill graph: 4 rows 10.6 vs 10.8 ms, 6 rows 13.7 vs 12.2, 8 rows 17.7 vs 14.9,
+    # 12 rows 21.5 vs 17.9, 16 rows 27.8 vs 22.3. A row's tokens then come from the prefill graph's
+    # kernels, whose figures differ from the decoder graph's in the last bits: under such load a
+    # greedy answer can differ from the same request's alone (0 keeps answers independent of load).
+    prefill_graph_decode_rows: int = 6
 
     def __post_init__(self) -> None:
         """Refuse a bad option by name: they come from model config too (any JSON a host passes to

@@ -33,7 +33,7 @@ class ServerSettings(BaseSettings):
         512, ge=16, description="Prompt tokens read per step while other requests are decoding (continuous)."
     )
     prefill_graph_decode_rows: int = Field(
-        12,
+        6,
         ge=0,
         description="Decode steps of at least this many requests run on the model's prefill graph, faster there "
         "(continuous); answers under such load may then differ slightly from alone; 0: never.",
