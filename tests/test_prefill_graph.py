@@ -117,3 +117,50 @@ def test_smoothing_moves_the_activations_outliers_into_the_weights() -> None:
     plain_int8, plain_scales = per_column(w)
     assert error(per_row(x / factors) @ (int8 * scales)) * 5 < error(per_row(x) @ (plain_int8 * plain_scales))
     assert min(factors[3], factors[17]) > 5 * np.median(factors)
+
+
+def test_a_row_of_zeros_quantizes_to_a_product_of_zeros() -> None:
+    """The per-token quantization has no epsilon: a row of zeros gets scale 0 (and values from 0 / 0),
+    which the product's multiplication by that scale must turn back into zeros, finite."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from slmflow.prefill_graph import _quantize_input, per_column
+
+    rng = np.random.default_rng(0)
+    weights = rng.standard_normal((64, 8)).astype(np.float32)
+    int8, scales = per_column(weights)
+    constants = {
+        "prefill/inv127": np.array(1 / 127, np.float32),
+        "prefill/zero_1d": np.array([128], np.uint8),
+        "prefill/last_axis": np.array([-1], np.int64),
+        "one": np.array(1, np.float32),
+        "zero": np.array(128, np.uint8),
+        "w": int8,
+        "w_scales": scales,
+    }
+    nodes = [
+        *_quantize_input(helper, "x", "linear", 64, first=True),
+        helper.make_node(
+            "MatMulIntegerToFloat", ["linear/x_q", "w", "one", "w_scales", "zero"], ["rows"], domain="com.microsoft"
+        ),
+        helper.make_node("Mul", ["rows", "linear/x_scale"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "quantized-linear",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(value, name) for name, value in constants.items()],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
+    )
+    model.ir_version = 10
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((2, 3, 64)).astype(np.float32)
+    x[1, 2] = 0
+    [y] = session.run(None, {"x": x})
+    assert np.all(np.isfinite(y)) and np.all(y[1, 2] == 0)
+    exact = x @ weights
+    assert np.abs(y - exact).max() < 0.05 * np.abs(exact).max()  # the other rows: quantized products
