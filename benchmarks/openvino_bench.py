@@ -1,6 +1,6 @@
 """slmflow's generation engine against OpenVINO GenAI on the same CPU, the same model, the same tokens.
 
-    .venv/bin/python benchmarks/openvino_bench.py [--rounds 3] [--precision int8]
+    .venv/bin/python benchmarks/openvino_bench.py [--rounds 5] [--precision int8]
 
 SmolLM2-135M-Instruct, converted from the same checkpoint by `slmflow package`'s converter (the
 default int8 recipe: prefill graph and smoothed decode graph; and the builder's int8 with block 128)
@@ -9,8 +9,10 @@ configured by default, with decode steps on the decoder graph only (answers inde
 and without the prefill graph.
 OpenVINO GenAI runs in its own environment (benchmarks/.venv-openvino, made on first use with pinned
 versions) so it never enters slmflow's dependencies; `openvino_peer.py` is its side. Both run in
-process, greedy, forced output lengths, prefix caching off, on the same token ids, the two taking
-turns round by round (medians of the rounds):
+process, greedy, forced output lengths, prefix caching off, on the same token ids. The systems take
+turns measure by measure (OpenVINO in one long-lived process, `openvino_peer.py`), the order rotated
+every round: a VM whose speed changes within a minute then slows the systems it compares alike.
+Figures are medians of the rounds, ratios medians of the per-round ratios:
 
 - decode: one stream, 128 new tokens after a 42-token prompt (tokens after the first / their time);
 - prefill: a 512-token prompt, its length / the time to its first token;
@@ -33,8 +35,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "src"))
@@ -52,11 +56,13 @@ OPENVINO_PACKAGES = [
 ]
 DECODE_TOKENS = 128
 BATCH_TOKENS = 64
+PEER = "OpenVINO GenAI int8"
+MEASURES = ("stream", "prefill", "8", "16")  # one stream (decode, TTFT); a 512-token read; 8 and 16 at once
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--precision", default="int8")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--out", default=str(HERE / "results"))
@@ -96,20 +102,25 @@ def main() -> None:
     systems: dict[str, dict[str, Any]] = {}
     try:
         request = token_ids(next(iter(engines.values())))
-        rounds: dict[str, list[dict[str, Any]]] = {name: [] for name in [*engines, "OpenVINO GenAI int8"]}
-        for engine in engines.values():
-            measure_ours(engine, request)  # warm-up
-        for _ in range(args.rounds):
-            peer = {**request, "threads": threads}
-            rounds["OpenVINO GenAI int8"].append(measure_theirs(python, theirs_folder, peer))
-            for name, engine in engines.items():
-                rounds[name].append(measure_ours(engine, request))
+        measure: dict[str, Callable[[str], dict[str, float]]] = {
+            name: partial(measure_ours, engine, request) for name, engine in engines.items()
+        }
+        for engine_measure in measure.values():
+            for name in MEASURES:  # warm-up
+                engine_measure(name)
+        with Peer(python, theirs_folder, {**request, "threads": threads}) as peer:
+            measure[PEER] = peer.measure
+            rounds: dict[str, list[dict[str, Any]]] = {name: [{} for _ in range(args.rounds)] for name in measure}
+            for index in range(args.rounds):
+                order = list(measure)[index % len(measure) :] + list(measure)[: index % len(measure)]
+                for name in MEASURES:
+                    for system in order:
+                        rounds[system][index] |= measure[system](name)
         for name, engine in engines.items():
             perplexity = math.exp(-statistics.fmean(engine.score(request["reference"]).logprobs))
-            systems[name] = summarize(rounds[name]) | {"perplexity": perplexity}
-        peer = {**request, "threads": threads, "reference_only": True}
-        perplexity = measure_theirs(python, theirs_folder, peer)["perplexity"]
-        systems["OpenVINO GenAI int8"] = summarize(rounds["OpenVINO GenAI int8"]) | {"perplexity": perplexity}
+            systems[name] = summarize(rounds[name], rounds[PEER]) | {"perplexity": perplexity}
+        perplexity = peer_perplexity(python, theirs_folder, request["reference"])
+        systems[PEER] = summarize(rounds[PEER], rounds[PEER]) | {"perplexity": perplexity}
     finally:
         for engine in engines.values():
             engine.close()
@@ -174,7 +185,8 @@ def token_ids(engine: Any) -> dict[str, Any]:
     }
 
 
-def measure_ours(engine: Any, request: dict[str, Any]) -> dict[str, Any]:
+def measure_ours(engine: Any, request: dict[str, Any], name: str) -> dict[str, float]:
+    """One of MEASURES on our engine: its figures, keyed as the peer's."""
     from slmflow.generation.params import SamplingParams
 
     def forced(n: int) -> SamplingParams:
@@ -188,56 +200,86 @@ def measure_ours(engine: Any, request: dict[str, Any]) -> dict[str, Any]:
         completion = stream.result()
         return first[0] - started, time.perf_counter() - started, completion.usage.completion_tokens
 
-    ttft, total, tokens = timed(request["short"], request["decode_tokens"])
-    prefill_ttft, _, _ = timed(request["long"], 1)
-    aggregate = {}
-    for n in (8, 16):
-        started = time.perf_counter()
-        streams = engine.submit_all([(ids, forced(request["batch_tokens"])) for ids in request["batch"][:n]])
-        generated = sum(s.result().usage.completion_tokens for s in streams)
-        aggregate[str(n)] = generated / (time.perf_counter() - started)
-    return {
-        "decode_tok_s": (tokens - 1) / (total - ttft),
-        "ttft_short_s": ttft,
-        "prefill_tok_s": len(request["long"]) / prefill_ttft,
-        "aggregate_tok_s": aggregate,
-    }
+    if name == "stream":
+        ttft, total, tokens = timed(request["short"], request["decode_tokens"])
+        return {"decode_tok_s": (tokens - 1) / (total - ttft), "ttft_short_s": ttft}
+    if name == "prefill":
+        return {"prefill_tok_s": len(request["long"]) / timed(request["long"], 1)[0]}
+    started = time.perf_counter()
+    streams = engine.submit_all([(ids, forced(request["batch_tokens"])) for ids in request["batch"][: int(name)]])
+    generated = sum(s.result().usage.completion_tokens for s in streams)
+    return {f"aggregate_{name}_tok_s": generated / (time.perf_counter() - started)}
 
 
-def measure_theirs(python: Path, folder: Path, request: dict[str, Any]) -> dict[str, Any]:
-    if request.get("reference_only"):
-        request = {**request, "only_perplexity": True}
-    elif "reference" in request:
-        request = {key: value for key, value in request.items() if key != "reference"}
+class Peer:
+    """OpenVINO GenAI in its own environment and process (openvino_peer.py), loaded once, answering
+    one measure at a time."""
+
+    def __init__(self, python: Path, folder: Path, request: dict[str, Any]) -> None:
+        self.process = subprocess.Popen(
+            [str(python), str(HERE / "openvino_peer.py"), str(folder)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._send(request)
+        if not self._receive().get("ready"):
+            raise RuntimeError("the OpenVINO peer did not start")
+
+    def measure(self, name: str) -> dict[str, float]:
+        self._send({"measure": name})
+        result = self._receive()
+        print(json.dumps({"openvino": result}), flush=True)
+        return result
+
+    def _send(self, message: dict[str, Any]) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(message) + "\n")
+        self.process.stdin.flush()
+
+    def _receive(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the OpenVINO peer exited ({self.process.wait()})")
+        return json.loads(line)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def peer_perplexity(python: Path, folder: Path, reference: list[int]) -> float:
+    """The peer's perplexity of the reference text (a process of its own: Optimum's model)."""
     run = subprocess.run(
         [str(python), str(HERE / "openvino_peer.py"), str(folder)],
-        input=json.dumps(request),
+        input=json.dumps({"only_perplexity": True, "reference": reference}),
         capture_output=True,
         text=True,
         check=True,
     )
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    print(json.dumps({"openvino": result}), flush=True)
-    return result
+    perplexity = float(json.loads(run.stdout.strip().splitlines()[-1])["perplexity"])
+    print(json.dumps({"openvino": {"perplexity": perplexity}}), flush=True)
+    return perplexity
 
 
-def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    def median(key: str, sub: str | None = None) -> float:
-        return statistics.median(r[key][sub] if sub else r[key] for r in rounds)
-
+def summarize(rounds: list[dict[str, float]], peer: list[dict[str, float]]) -> dict[str, Any]:
+    """Medians of the rounds' figures, and of their per-round ratios to the peer's."""
+    keys = list(rounds[0])
     return {
-        "decode_tok_s": median("decode_tok_s"),
-        "prefill_tok_s": median("prefill_tok_s"),
-        "aggregate_8_tok_s": median("aggregate_tok_s", "8"),
-        "aggregate_16_tok_s": median("aggregate_tok_s", "16"),
-        "ttft_short_s": median("ttft_short_s"),
+        **{key: statistics.median(r[key] for r in rounds) for key in keys},
+        "ratios": {key: statistics.median(r[key] / p[key] for r, p in zip(rounds, peer, strict=True)) for key in keys},
         "rounds": rounds,
     }
 
 
 def write(report: dict[str, Any], out: Path) -> None:
     systems = report["systems"]
-    peer = systems["OpenVINO GenAI int8"]
+    peer = systems[PEER]
     rows = [
         ("decode, 1 stream (tok/s)", "decode_tok_s", "{:.0f}", 1),
         ("prefill, 512-token prompt (tok/s)", "prefill_tok_s", "{:.0f}", 1),
@@ -250,7 +292,8 @@ def write(report: dict[str, Any], out: Path) -> None:
     lines = [
         f"Machine: {report['machine']}; model: {report['model']}; in process, greedy, forced lengths, "
         f"prefix caching off, slmflow at max_batch_size {report['max_batch_size']}; medians of "
-        f"{report['rounds']} alternated rounds. Ratios: slmflow / OpenVINO (TTFT and perplexity: lower is better).",
+        f"{report['rounds']} rounds, the systems alternating measure by measure. Ratios: slmflow / OpenVINO, "
+        "medians of the per-round ratios (TTFT and perplexity: lower is better).",
         "",
         "| measure | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
@@ -259,8 +302,10 @@ def write(report: dict[str, Any], out: Path) -> None:
         cells = []
         for name in names:
             value = systems[name][key] * scale
-            ratio = "" if name == "OpenVINO GenAI int8" else f" ({systems[name][key] / peer[key]:.2f}x)"
-            cells.append(fmt.format(value) + ratio)
+            # Perplexity is measured once; the speeds' ratios are medians of per-round ratios.
+            ratio = systems[name]["ratios"].get(key, systems[name][key] / peer[key])
+            ratio_text = "" if name == PEER else f" ({ratio:.2f}x)"
+            cells.append(fmt.format(value) + ratio_text)
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     out.mkdir(parents=True, exist_ok=True)
     (out / "openvino-smol.md").write_text("\n".join(lines) + "\n")

@@ -1,10 +1,13 @@
 """OpenVINO GenAI's side of `openvino_bench.py`; runs in the benchmark's own environment.
 
-    benchmarks/.venv-openvino/bin/python benchmarks/openvino_peer.py MODEL_DIR < request.json
+    benchmarks/.venv-openvino/bin/python benchmarks/openvino_peer.py MODEL_DIR
 
-Reads the token ids to use (JSON on stdin), measures OpenVINO GenAI on them in process with prefix
-caching off, and prints one JSON line of results. Never imported by slmflow: OpenVINO is not one of
-its dependencies.
+Reads a first JSON line: the token ids to use, or `only_perplexity` with a `reference`. For the
+former it loads OpenVINO GenAI's pipelines (prefix caching off), warms them up, prints
+{"ready": true}, then answers one measure per line ({"measure": "stream" | "prefill" | "8" | "16"})
+with one JSON line of figures, until its input ends: the benchmark alternates the systems measure by
+measure, seconds apart, where a process per round had them a minute apart on a VM whose speed
+changes within that. Never imported by slmflow: OpenVINO is not one of its dependencies.
 """
 
 from __future__ import annotations
@@ -13,20 +16,29 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
 
 def main() -> None:
+    folder = sys.argv[1]
+    request = json.loads(sys.stdin.readline())
+    if request.get("only_perplexity"):
+        print(json.dumps({"perplexity": perplexity(folder, request["reference"])}), flush=True)
+        return
+    measure = measures(folder, request)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        print(json.dumps(measure(json.loads(line)["measure"])), flush=True)
+
+
+def measures(folder: str, request: dict[str, Any]) -> Callable[[str], dict[str, float]]:
+    """A function taking a measure's name to its figures, with the same keys as the benchmark's."""
     import numpy as np
     import openvino as ov
     import openvino_genai as genai
 
-    folder = sys.argv[1]
-    request = json.load(sys.stdin)
-    if request.get("only_perplexity"):
-        print(json.dumps({"perplexity": perplexity(folder, request["reference"])}), flush=True)
-        return
-    threads = str(request["threads"])
-    properties = {"INFERENCE_NUM_THREADS": threads}
+    properties = {"INFERENCE_NUM_THREADS": str(request["threads"])}
     single = genai.LLMPipeline(folder, "CPU", **properties)
     scheduler = genai.SchedulerConfig()
     scheduler.enable_prefix_caching = False
@@ -63,17 +75,17 @@ def main() -> None:
         generated = sum(len(r.m_generation_ids[0]) for r in results)
         return generated / seconds
 
+    def measure(name: str) -> dict[str, float]:
+        if name == "stream":
+            first, last, tokens = timed_stream(request["short"], request["decode_tokens"])
+            return {"decode_tok_s": (tokens - 1) / (last - first), "ttft_short_s": first}
+        if name == "prefill":
+            return {"prefill_tok_s": len(request["long"]) / timed_stream(request["long"], 1)[0]}
+        return {f"aggregate_{name}_tok_s": aggregate(request["batch"][: int(name)], request["batch_tokens"])}
+
     timed_stream(request["short"], 8)  # warm-up: first runs compile
     aggregate(request["batch"][:2], 4)
-    first, last, tokens = timed_stream(request["short"], request["decode_tokens"])
-    prefill_ttft, _, _ = timed_stream(request["long"], 1)
-    out = {
-        "decode_tok_s": (tokens - 1) / (last - first),
-        "ttft_short_s": first,
-        "prefill_tok_s": len(request["long"]) / prefill_ttft,
-        "aggregate_tok_s": {str(n): aggregate(request["batch"][:n], request["batch_tokens"]) for n in (8, 16)},
-    }
-    print(json.dumps(out), flush=True)
+    return measure
 
 
 def perplexity(folder: str, ids: list[int]) -> float:
