@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from multiturn_bench import model_folder
-    from openvino_bench import openvino_env, openvino_folder
+    from openvino_bench import openvino_env, openvino_folder, peer_perplexity
     from slmflow.generation.engine import EngineOptions, GenerationEngine
 
     text = "\n".join(path.read_text() for path in args.text)
@@ -55,17 +54,10 @@ def main() -> None:
         results[name] = math.exp(-sum(logprobs) / len(logprobs))
         print(f"{name}: {results[name]:.4f}", flush=True)
     python = openvino_env()
+    theirs = openvino_folder(python)
     total = count = 0.0
     for window in windows(ids):
-        request = {"only_perplexity": True, "reference": window}
-        run = subprocess.run(
-            [str(python), str(HERE / "openvino_peer.py"), str(openvino_folder(python))],
-            input=json.dumps(request),
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        perplexity = json.loads(run.stdout.strip().splitlines()[-1])["perplexity"]
+        perplexity = peer_perplexity(python, theirs, window)
         total += math.log(perplexity) * (len(window) - 1)
         count += len(window) - 1
     results["OpenVINO GenAI int8"] = math.exp(total / count)

@@ -89,8 +89,6 @@ def _rewrite(
     """Each linear's input divided by its smoothing factors (folded into the norm or linear making
     it where it can be, prefill_graph.Folds; else one Mul per input, shared by the matrices reading
     it), its weights smoothed and requantized at `block_size`."""
-    import numpy as np
-    from onnx import helper, numpy_helper
 
     folded = folds(graph, linears)
     added, dropped = fold_into_norms(graph, folded, factors, folder)
@@ -102,17 +100,11 @@ def _rewrite(
     for node in graph.node:
         x = node.input[0] if id(node) in replaced else None
         if x is not None and x not in smoothed_input:  # its first reader: requantize its readers
-            smoothing = factors[x]
-            smoothed_input[x] = x
-            if not folded.folded(x):  # a Mul divides it, before its first reader
-                added.append(
-                    numpy_helper.from_array((1 / smoothing).astype(np.float32), f"{node.name}/inverse_factors")
-                )
-                smoothed_input[x] = f"{node.name}/smoothed_input"
-                nodes.append(helper.make_node("Mul", [x, f"{node.name}/inverse_factors"], [smoothed_input[x]]))
+            smoothed_input[x], divide, inverse = folded.divide(x, node.name, factors)
+            nodes += divide  # before its first reader
+            added += inverse
             for reader in readers[x]:
-                weights = weight_of(reader) * smoothing[:, None] / folded.column_factors(reader, factors)
-                _requantize(reader, weights, block_size, added)
+                _requantize(reader, folded.weights(reader, x, weight_of, factors), block_size, added)
             if progress:
                 progress("smoothing the decode graph", len(smoothed_input), len(readers))
         if x is not None:

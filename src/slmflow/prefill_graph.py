@@ -13,7 +13,8 @@ output channel, from the builder's own (dequantized) weights.
 
 Decoding stays on the decoder graph (decode_graph.py smooths it in default int8 builds): at one
 token per row, the extra quantizing ops cost more than they save (66 vs 127 tokens/s for one
-stream); only decode steps of many rows run here (generation/decoder.py, prefill_graph_decode_rows).
+stream); only decode steps of several rows run here (generation/decoder.py,
+prefill_graph_decode_rows).
 The LM head stays a MatMulNBits: reading a prompt needs only its last position's logits. Measured
 quality and speed: docs/packaging.md.
 
@@ -153,12 +154,23 @@ class Folds:
     norms: dict[str, Any]  # by input: the norm node making it
     columns: dict[str, str]  # by linear node name: the input whose factors divide its output columns
 
-    def folded(self, x: str) -> bool:
-        return x in self.norms or x in self.columns.values()
+    def divide(self, x: str, name: str, factors: dict[str, Any]) -> tuple[str, list[Any], list[Any]]:
+        """`x` divided by its factors: `x` itself where folded; else the output of a Mul named after
+        `name` (x's first reader), with that Mul and its inverse factors, to add to the graph."""
+        import numpy as np
+        from onnx import helper, numpy_helper
 
-    def column_factors(self, node: Any, factors: dict[str, Any]) -> Any:
-        """What `node`'s output columns are divided by (1 where nothing is folded into them)."""
-        return factors[self.columns[node.name]] if node.name in self.columns else 1
+        if x in self.norms or x in self.columns.values():
+            return x, [], []
+        inverse = numpy_helper.from_array((1 / factors[x]).astype(np.float32), f"{name}/inverse_factors")
+        divided = f"{name}/smoothed_input"
+        return divided, [helper.make_node("Mul", [x, inverse.name], [divided])], [inverse]
+
+    def weights(self, node: Any, x: str, weight_of: Callable[[Any], Any], factors: dict[str, Any]) -> Any:
+        """`node`'s float weights [K, N] for its input `x` divided by its factors: rows multiplied by
+        them, and output columns divided by what is folded into them."""
+        columns = factors[self.columns[node.name]] if node.name in self.columns else 1
+        return weight_of(node) * factors[x][:, None] / columns
 
 
 def folds(graph: Any, linears: list[Any]) -> Folds:
@@ -379,21 +391,13 @@ def _rewrite(
             continue
         x, name = node.input[0], node.name
         if x not in shared:  # its first reader: smooth and quantize all its readers' weights
-            smoothing = factors[x]
             quantized.update(
-                {
-                    reader.name: per_column(
-                        weight_of(reader) * smoothing[:, None] / folded.column_factors(reader, factors)
-                    )
-                    for reader in readers[x]
-                }
+                {reader.name: per_column(folded.weights(reader, x, weight_of, factors)) for reader in readers[x]}
             )
-            smooth = x
-            if not folded.folded(x):
-                smooth = f"{name}/x_smooth"
-                added.append(numpy_helper.from_array(1 / smoothing, f"{name}/inverse_factors"))
-                nodes.append(helper.make_node("Mul", [x, f"{name}/inverse_factors"], [smooth]))
-            nodes += _quantize_input(helper, smooth, name, len(smoothing), first=not shared)
+            smooth, divide, inverse = folded.divide(x, name, factors)
+            nodes += divide
+            added += inverse
+            nodes += _quantize_input(helper, smooth, name, len(factors[x]), first=not shared)
             shared[x] = (f"{name}/x_q", f"{name}/x_scale")
         x_q, x_scale = shared[x]
         int8, scales = quantized.pop(name)
