@@ -73,6 +73,47 @@ def test_logits_of_every_position_equal_the_chunked_scoring_logits(decoder: Deco
     np.testing.assert_allclose(every[-1], decoder.extend(0, 0, prompt), atol=1e-5)
 
 
+def test_a_prompt_with_no_past_is_read_in_pieces_that_give_the_logits_of_one_read(
+    decoder: Decoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from slmflow.generation import decoder as module
+
+    runs: list[int] = []  # tokens per run that reads a prompt (decode steps read 1 per row)
+    run = decoder._run
+
+    def counted(session: object, ids: np.ndarray, *rest: object) -> np.ndarray:
+        if ids.shape[1] > 1:
+            runs.append(ids.shape[1])
+        return run(session, ids, *rest)
+
+    monkeypatch.setattr(decoder, "_run", counted)
+    prompt = (PROMPTS[0] + PROMPTS[2] + PROMPTS[1]) * 2  # 42 tokens
+
+    def read(piece: int) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """Last logits, every position's logits and 6 greedy tokens after the prompt, PROMPT_PIECE = piece."""
+        monkeypatch.setattr(module, "PROMPT_PIECE", piece)
+        every = decoder.extend(0, 0, prompt, all_logits=True)
+        token = int(np.argmax(decoder.extend(0, 0, prompt)))
+        tokens = [token]
+        for step in range(5):
+            token = int(np.argmax(decoder.decode({0: token}, [len(prompt) + step, 0, 0, 0], pad=0)[0]))
+            tokens.append(token)
+        return every[-1], every, tokens
+
+    whole = read(10**6)
+    assert runs == [42, 42]
+    runs.clear()
+    pieces = read(10)  # 42 / 10 -> 4 pieces (of 10, 11, 10, 11 tokens)
+    assert runs == [10, 11, 10, 11] * 2
+    np.testing.assert_allclose(pieces[0], whole[0], atol=1e-4)
+    np.testing.assert_allclose(pieces[1], whole[1], atol=1e-4)
+    assert pieces[2] == whole[2]
+    runs.clear()
+    decoder.extend(0, len(prompt), prompt)  # after a past: read whole
+    decoder.extend(1, 0, prompt[:14])  # 14 / 10 rounds to 1 piece
+    assert runs == [42, 14]
+
+
 def test_the_buffer_holds_the_slots_in_use_and_shrinks_when_idle(decoder: Decoder) -> None:
     decoder.shrink()
     one_slot = decoder.nbytes
