@@ -154,6 +154,21 @@ def graph_decoder(folder: Path, prefill: bool) -> Any:  # -> Decoder
     return Decoder(model_file, layout, 2, 1, 512, prefill_file=folder / PREFILL_FILE if prefill else None)
 
 
+def prompt_reads(decoder: Any, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A list that collects, as they happen, the tokens of each run of `decoder` reading a prompt
+    (decode steps read one per row and are left out). It still runs them."""
+    reads: list[int] = []
+    run = decoder._run
+
+    def counted(session: Any, ids: Any, *rest: Any) -> Any:
+        if ids.shape[1] > 1:
+            reads.append(ids.shape[1])
+        return run(session, ids, *rest)
+
+    monkeypatch.setattr(decoder, "_run", counted)
+    return reads
+
+
 def assert_answers_as_trained(folder: Path) -> None:
     """The engine on the tiny fixture's build in `folder` answers the capitals as trained, on the
     continuous scheduler: with prompts read by the prefill graph and without, and with every decode

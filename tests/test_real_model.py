@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 from slmflow.checkpoints.smol import smol_gguf
 from slmflow.cli import main
 from slmflow.server import ServerSettings
-from tests.conftest import engine_held
+from tests.conftest import engine_held, prompt_reads
 from tests.server.conftest import LiveServer, serve
 
 NAME = "smol"
@@ -220,12 +220,7 @@ def test_a_long_fresh_prompt_read_in_pieces_answers_as_when_read_whole(
 
         ids = prompt(next(n for n in range(len(text), 0, -50) if len(prompt(n)) <= 500))
         assert 1.75 * module.PROMPT_PIECE <= len(ids) <= engine.options.prefill_chunk  # one read, 2 pieces
-        reads: list[int] = []  # tokens per run reading a prompt
-        decoder = engine._batcher.decoder
-        run = decoder._run
-        monkeypatch.setattr(
-            decoder, "_run", lambda s, x, *rest: (x.shape[1] > 1 and reads.append(x.shape[1])) or run(s, x, *rest)
-        )
+        reads = prompt_reads(engine._batcher.decoder, monkeypatch)
         greedy = SamplingParams(temperature=0.0, max_tokens=24, min_tokens=24)
         pieces = engine.submit(ids, greedy).result()
         assert reads == [len(ids) // 2, len(ids) - len(ids) // 2]

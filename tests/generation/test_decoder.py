@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from slmflow.generation.decoder import PREFILL_FILE, Decoder, UnsupportedGraph, layout_of
+from tests.conftest import prompt_reads
 
 
 @pytest.fixture(scope="module", params=["builder graph", "prefill graph"])
@@ -78,15 +79,7 @@ def test_a_prompt_with_no_past_is_read_in_pieces_that_give_the_logits_of_one_rea
 ) -> None:
     from slmflow.generation import decoder as module
 
-    runs: list[int] = []  # tokens per run that reads a prompt (decode steps read 1 per row)
-    run = decoder._run
-
-    def counted(session: object, ids: np.ndarray, *rest: object) -> np.ndarray:
-        if ids.shape[1] > 1:
-            runs.append(ids.shape[1])
-        return run(session, ids, *rest)
-
-    monkeypatch.setattr(decoder, "_run", counted)
+    runs = prompt_reads(decoder, monkeypatch)
     prompt = (PROMPTS[0] + PROMPTS[2] + PROMPTS[1]) * 2  # 42 tokens
 
     def read(piece: int) -> tuple[np.ndarray, np.ndarray, list[int]]:

@@ -282,9 +282,8 @@ class Decoder:
         return self._np.concatenate(logits) if all_logits else logits[-1]
 
     def _extend(self, slot: int, past: int, tokens: list[int], all_logits: bool) -> Any:
-        """extend() in one run of the prompt graph."""
+        """extend() in one run of the prompt graph (the slot's room ensured by extend())."""
         np = self._np
-        self.ensure(slot, past + len(tokens))
         ids = np.asarray([tokens], dtype=np.int64)
         mask = np.ones((1, past + len(tokens)), dtype=np.int64)
         wanted = list(range(len(tokens))) if all_logits else [len(tokens) - 1]
