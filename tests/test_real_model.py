@@ -202,7 +202,7 @@ def test_sixteen_requests_at_once_decode_on_the_prefill_graph_and_answer_right(c
         engine.close()
 
 
-def test_a_long_fresh_prompt_read_in_pieces_answers_as_when_read_whole(
+def test_long_fresh_prompts_read_in_pieces_answer_as_when_read_whole(
     champion_folder: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from importlib.resources import files
@@ -232,6 +232,19 @@ def test_a_long_fresh_prompt_read_in_pieces_answers_as_when_read_whole(
         # (Not checked for the fact: after ~500 tokens of another text, this 135M model answers
         # "10" either way.)
         assert pieces.token_ids == whole.token_ids
+        # Two such prompts sent together: not one batched run padded to the longer one, but read
+        # alone, shortest first: the shorter in its two pieces, the longer in what is left of the
+        # step's chunk, then the rest; each answers as alone.
+        monkeypatch.undo()
+        other = prompt(next(n for n in range(len(text), 0, -50) if len(prompt(n)) < len(ids) - 20))
+        assert len(other) >= 1.75 * module.PROMPT_PIECE
+        alone = engine.submit(other, greedy).result()
+        reads = prompt_reads(engine._batcher.decoder, monkeypatch)
+        with engine_held(engine):
+            both = engine.submit_all([(ids, greedy), (other, greedy)])
+        assert [s.result().token_ids for s in both] == [pieces.token_ids, alone.token_ids]
+        left = engine.options.prefill_chunk - len(other)
+        assert reads == [len(other) // 2, len(other) - len(other) // 2, left, len(ids) - left]
     finally:
         engine.close()
 

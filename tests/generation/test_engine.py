@@ -10,7 +10,7 @@ import pytest
 
 from slmflow.errors import InvalidRequest
 from slmflow.generation.params import SamplingParams
-from tests.conftest import engine_held, finished
+from tests.conftest import engine_held, finished, prompt_reads
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=40)
 SPAIN = [{"role": "user", "content": "What is the capital of Spain?"}]
@@ -399,5 +399,32 @@ def test_long_prompts_sent_together_are_read_one_after_the_other(onnx_int4) -> N
             first.listen(lambda: read_at_first_token.append(engine.stats.prompt_tokens - before))
         assert [s.result() for s in streams] == alone
         assert read_at_first_token[0] < sum(map(len, prompts)) - 16
+    finally:
+        engine.close()
+
+
+def test_fresh_prompts_long_enough_to_read_in_pieces_are_read_alone(onnx_int4, monkeypatch) -> None:
+    from slmflow.generation import decoder as module
+    from slmflow.generation.engine import GenerationEngine
+
+    # Fresh prompts that one read alone would take in pieces (Decoder.extend) are not padded into one
+    # batched run with the others (whose attention scores every row's full S x S): each is read
+    # alone, in its pieces, with no padding, and answers as alone.
+    engine = GenerationEngine(onnx_int4)
+    try:
+        preamble = [{"role": "system", "content": "You answer questions about capitals. " * 6}]
+        prompts = [engine.encode(engine.render_chat([*preamble, *q])) for q in QUESTIONS[:3]]
+        monkeypatch.setattr(module, "PROMPT_PIECE", min(map(len, prompts)) // 2)
+        pieces = [module.Decoder.pieces(len(prompt)) for prompt in prompts]
+        assert min(pieces) >= 2 and max(map(len, prompts)) <= engine.options.prefill_chunk
+        alone = [engine.generate(prompt, GREEDY) for prompt in prompts]
+        reads = prompt_reads(engine._batcher.decoder, monkeypatch)
+        tokens, positions = engine.stats.prompt_tokens, engine.stats.prompt_positions
+        with engine_held(engine):
+            streams = engine.submit_all([(prompt, GREEDY) for prompt in prompts])
+        assert [s.result() for s in streams] == alone
+        assert len(reads) == sum(pieces) and max(reads) < min(map(len, prompts))
+        assert sum(reads) == engine.stats.prompt_tokens - tokens == sum(map(len, prompts))
+        assert engine.stats.prompt_positions - positions == sum(map(len, prompts))
     finally:
         engine.close()

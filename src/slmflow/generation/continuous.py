@@ -216,8 +216,8 @@ class ContinuousBatcher:
         self.stats.prefix_cached_tokens += reused
 
     def _prefill(self) -> None:
-        """Read prompts: fresh ones of about the same length together, the others a chunk at a time
-        at batch size 1. While rows are decoding, about one chunk's worth per step, so their answers
+        """Read prompts: short fresh ones of about the same length together (_batchable), the others
+        a chunk at a time at batch size 1. While rows are decoding, about one chunk's worth per step, so their answers
         keep coming. Shortest first: the most requests get their first token soonest. Long prompts
         one chunk per step even when nothing decodes: a chunk of each per step gave every prompt its
         first token only at the end of the whole read. Measured, SmolLM2 int8, 16 prompts of 1,500
@@ -229,7 +229,7 @@ class ContinuousBatcher:
             return
         decoding = any(live.next_token is not None for live in self._live)
         budget = self.prefill_chunk if decoding else None
-        fresh = [live for live in reading if live.length == 0 and len(live.todo or ()) <= self.prefill_chunk]
+        fresh = [live for live in reading if live.length == 0 and self._batchable(len(live.todo or ()))]
         fresh.sort(key=lambda live: len(live.todo or ()))
         while fresh:
             group = self._fit(fresh, budget)
@@ -259,6 +259,15 @@ class ContinuousBatcher:
             budget -= len(chunk)
             if budget <= 0:
                 return
+
+    def _batchable(self, tokens: int) -> bool:
+        """Whether a fresh prompt of `tokens` tokens is read together with others: not when longer
+        than a chunk, nor when read alone it would be read in pieces (Decoder.extend), which spares
+        the part of a batched run's S x S attention that the causal mask zeroes. Measured, SmolLM2
+        int8, one engine toggled, 7 alternated rounds: 4 prompts of 512 sent together, total 0.89x
+        and 0.94x (two runs), median first token 1.37 -> 0.68 s; 8 x 400 and 16 x 400 total 1.01x,
+        first token 1.14 -> 0.98 s and 2.26 -> 1.92 s."""
+        return tokens <= self.prefill_chunk and self.decoder.pieces(tokens) == 1
 
     def _read_whole(self, live: _Live, logits: Any) -> None:
         """A row's tokens are all read: sample its next one, or go on with the one it had when parked."""

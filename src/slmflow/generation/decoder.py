@@ -275,11 +275,16 @@ class Decoder:
     def extend(self, slot: int, past: int, tokens: list[int], all_logits: bool = False) -> Any:
         """Read `tokens` into `slot`, after the `past` tokens it holds; the last token's logits (or
         every token's, [len(tokens), vocab]). With no past, in pieces (PROMPT_PIECE)."""
-        pieces = max(1, int(len(tokens) / PROMPT_PIECE + 0.5)) if past == 0 else 1
+        pieces = self.pieces(len(tokens)) if past == 0 else 1
         self.ensure(slot, past + len(tokens))  # once: not a grown buffer per piece
         bounds = [len(tokens) * piece // pieces for piece in range(pieces + 1)]
         logits = [self._extend(slot, past + start, tokens[start:end], all_logits) for start, end in pairwise(bounds)]
         return self._np.concatenate(logits) if all_logits else logits[-1]
+
+    @staticmethod
+    def pieces(tokens: int) -> int:
+        """How many pieces a prompt of `tokens` tokens with no past is read in when read alone."""
+        return max(1, int(tokens / PROMPT_PIECE + 0.5))
 
     def _extend(self, slot: int, past: int, tokens: list[int], all_logits: bool) -> Any:
         """extend() in one run of the prompt graph (the slot's room ensured by extend())."""
