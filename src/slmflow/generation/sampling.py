@@ -21,6 +21,7 @@ class Sampler:
         self._np = np
         self.params = params
         self._eos = np.fromiter(sorted(eos_token_ids), dtype=np.int64)
+        self._eos_set = eos_token_ids
         # numpy seeds are non-negative; OpenAI's may be any int64 (each maps to its own stream).
         seed = None if params.seed is None else params.seed % 2**64
         self._random = np.random.default_rng(seed) if not params.greedy else None
@@ -29,7 +30,9 @@ class Sampler:
         """The next token, given its logits [vocab] and how many tokens the request has generated
         (`argmax`: the logits' argmax, when the caller computed it for a whole batch at once)."""
         np, p = self._np, self.params
-        if self._random is None and argmax is not None and generated >= p.min_tokens:
+        # Held to min_tokens, a greedy row's end-of-sequence tokens are masked: that changes its
+        # choice only when the argmax is one of them (no copy of the row's logits otherwise).
+        if self._random is None and argmax is not None and (generated >= p.min_tokens or argmax not in self._eos_set):
             return argmax
         if generated < p.min_tokens and len(self._eos):
             logits = logits.copy()
