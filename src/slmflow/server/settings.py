@@ -52,6 +52,12 @@ class ServerSettings(BaseSettings):
         "newest are parked and resume later, while it would not fit; default: a quarter of the memory.",
     )
     request_timeout: float = Field(600.0, gt=0, description="Seconds a completion may take, queueing included.")
+    keep_alive: int = Field(
+        75,
+        ge=1,
+        description="Seconds an idle HTTP connection stays open: longer than clients' own idle limit (httpx "
+        "5 s) and load balancers' (often 60 s), so the server never closes one a client is reusing.",
+    )
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1, description="Larger request bodies are refused with 413.")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Log level of the server and its per-request lines."
