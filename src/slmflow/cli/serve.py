@@ -72,9 +72,7 @@ def serve(model_uri: str, **flags: Any) -> None:
     backend = load_backend(settings)
     try:
         app = create_app(settings, backend)
-        # Our per-request log line replaces uvicorn's access log. uvicorn's own keep-alive (5 s) equals
-        # httpx's: a client reusing a connection as the server closed it got a reset (3 of 1,378
-        # requests in one run of tests/reliability/test_load.py).
+        # Our per-request log line replaces uvicorn's access log; keep_alive: see ServerSettings.
         uvicorn.run(
             app,
             host=settings.host,

@@ -220,10 +220,10 @@ class ContinuousBatcher:
         a chunk at a time at batch size 1. While rows are decoding, about one chunk's worth per step,
         so their answers keep coming. Shortest first: the most requests get their first token
         soonest. Long prompts one chunk per step even when nothing decodes: a chunk of each per step
-        gave every prompt its first token only at the end of the whole read. Measured, SmolLM2 int8, 16 prompts of 1,500
-        tokens at once (same process, 2 rounds): median time to first token 24.6-28.2 s before,
-        15.5-16.8 s one after the other (the first decodes while the next are read); total time
-        42.2-47.1 s before, 38.8-41.9 s after."""
+        gave every prompt its first token only at the end of the whole read. Measured, SmolLM2 int8,
+        16 prompts of 1,500 tokens at once (same process, 2 rounds): median time to first token
+        24.6-28.2 s before, 15.5-16.8 s one after the other (the first decodes while the next are
+        read); total time 42.2-47.1 s before, 38.8-41.9 s after."""
         reading = [live for live in self._live if live.todo]
         if not reading:
             return
