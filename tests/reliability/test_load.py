@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import json
 import statistics
 import time
@@ -182,13 +183,16 @@ def test_an_idle_connection_outlives_a_clients_own_keep_alive(serve_subprocess: 
     # httpx (the OpenAI client's transport) drops idle connections after 5 s, uvicorn's default
     # keep-alive: a client reusing one as the server closed it got a reset (ReadError, 3 of 1,378
     # requests in one run of the load test above). The server keeps idle connections longer than that.
-    import socket
-
-    request = f"GET /health HTTP/1.1\r\nHost: {serve_subprocess.host}\r\n\r\n".encode()
-    with socket.create_connection((serve_subprocess.host, serve_subprocess.port), timeout=30) as sock:
+    connection = http.client.HTTPConnection(serve_subprocess.host, serve_subprocess.port, timeout=30)
+    try:
         for attempt in range(2):
             if attempt:
                 time.sleep(6)  # idle past httpx's keepalive_expiry and uvicorn's default: still open
-            sock.sendall(request)
-            response = sock.recv(65536)
-            assert response.startswith(b"HTTP/1.1 200"), response[:200]
+            connection.request("GET", "/health")
+            response = connection.getresponse()  # the server closed the socket: RemoteDisconnected
+            assert response.status == 200 and json.loads(response.read())["status"] == "ok"
+            if not attempt:
+                first = connection.sock
+        assert connection.sock is first, "answered on a new connection, not the idle one"
+    finally:
+        connection.close()
