@@ -19,9 +19,10 @@ from slmflow.checkpoints.smol import smol_gguf
 from slmflow.cli import main
 from slmflow.server import ServerSettings
 from tests.conftest import engine_held, prompt_reads
-from tests.server.conftest import LiveServer, serve
+from tests.server.conftest import LiveServer, serve, traces_by_request
 
 NAME = "smol"
+SERVED = "smol-served"  # the experiment of the served requests' traces
 # Question -> what a right answer contains. All three are answered right by the float source and by
 # the default (int8) build. ("What is the capital of France?" is answered right by the source and
 # fp32, but its first token wins by 0.08 logits and int8 flips it: see the fp32 test.)
@@ -57,7 +58,7 @@ def champion_folder(smol_default: dict) -> Path:
 
 @pytest.fixture(scope="module")
 def smol_server(smol_default: dict) -> Iterator[LiveServer]:
-    yield from serve(ServerSettings(model_uri=f"models:/{NAME}@champion"))
+    yield from serve(ServerSettings(model_uri=f"models:/{NAME}@champion", trace_experiment=SERVED))
 
 
 def test_the_gguf_is_packaged_at_the_default_precision_within_its_quality_budget(smol_default: dict) -> None:
@@ -97,6 +98,36 @@ def test_slmflow_serve_answers_them_through_the_openai_client(smol_server: LiveS
         model=NAME, messages=ask("What is 2+2?"), temperature=0, max_tokens=48, stream=True
     )
     assert "4" in "".join(chunk.choices[0].delta.content or "" for chunk in streamed if chunk.choices)
+
+
+def test_served_answers_replay_exactly_on_the_version_that_served_them(smol_server: LiveServer, tmp_path: Path) -> None:
+    """Monitoring feeds evaluation: requests served whole, cut by max_tokens or a stop sequence, or
+    sampled with a seed, exported from their traces and answered again by `slmflow eval`."""
+    client = smol_server.client()
+    served = {}
+    for question, params, finish in (
+        ("Who wrote Romeo and Juliet?", {"max_tokens": 6, "temperature": 0}, "length"),
+        ("What is the chemical symbol for gold?", {"stop": ["Au"], "temperature": 0, "max_tokens": 48}, "stop"),
+        ("What is 2+2?", {"temperature": 0.8, "top_p": 0.9, "seed": 7, "max_tokens": 24}, None),
+    ):
+        raw = client.chat.completions.with_raw_response.create(model=NAME, messages=ask(question), **params)
+        answer = raw.parse().choices[0]
+        assert finish in (None, answer.finish_reason) and "Au" not in answer.message.content, answer
+        served[raw.headers["x-request-id"]] = (question, params, answer.message.content)
+    traces_by_request(SERVED, served)
+    output = tmp_path / "served.jsonl"
+    run = invoke("traces", "export", SERVED, "--output", str(output), "--json")
+    assert run.exit_code == 0, run.output
+    rows = {row["trace_id"]: row for row in map(json.loads, output.read_text().splitlines())}
+    version = str(MlflowClient().get_model_version_by_alias(NAME, "champion").version)
+    assert all(row["model_version"] == version for row in rows.values())
+    exported = {(row["messages"][-1]["content"], row["expected"]): row.get("params") for row in rows.values()}
+    for question, params, answer in served.values():
+        assert exported[(question, answer)] == params
+    # Every request in the experiment (the other tests' too: greedy, some streamed) answered again as served.
+    run = invoke("eval", f"models:/{NAME}@champion", "--data", str(output), "--json")
+    assert run.exit_code == 0, run.output
+    assert json.loads(run.stdout.strip().splitlines()[-1])["metrics"]["accuracy"] == 1.0
 
 
 def test_fp32_onnx_gives_the_sources_greedy_answers(smol_checkpoint: Path) -> None:

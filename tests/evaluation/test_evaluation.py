@@ -46,6 +46,19 @@ def test_csv_and_jsonl_files_load_and_bad_rows_are_named(tmp_path: Path) -> None
         load_eval_set(str(tmp_path / "b.jsonl"))
     with pytest.raises(SlmflowError, match="cannot read"):
         load_eval_set(str(tmp_path / "missing.jsonl"))
+    # A row's own generation settings (as `slmflow traces export` writes them) are kept, and checked.
+    settings = {"max_tokens": 3, "stop": ["."], "temperature": 0.7, "seed": 5}
+    (tmp_path / "c.jsonl").write_text(json.dumps({"prompt": "x", "params": settings}) + "\n")
+    assert load_eval_set(str(tmp_path / "c.jsonl")).rows == [{"prompt": "x", "params": settings}]
+    for params, error in (
+        ({"max_tokens": 0}, "row 2: params: max_tokens must be"),
+        ({"n": 2}, "row 2: 'params' must be an object of max_tokens, stop"),
+        ("max_tokens=3", "row 2: 'params' must be an object of"),
+    ):
+        rows = [{"prompt": "x"}, {"prompt": "y", "params": params}]
+        (tmp_path / "d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        with pytest.raises(SlmflowError, match=error):
+            load_eval_set(str(tmp_path / "d.jsonl"))
 
 
 def test_gates_parse_and_report_the_measured_value() -> None:

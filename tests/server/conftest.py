@@ -10,12 +10,13 @@ from __future__ import annotations
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import mlflow
 import openai
 import pytest
 
@@ -95,6 +96,24 @@ def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 
             return False
         time.sleep(interval)
     return True
+
+
+def traces_by_request(experiment: str, request_ids: Iterable[str]) -> dict[str, Any]:
+    """The experiment's traces by the id of the request they record, once those of `request_ids` are in."""
+    wanted = set(request_ids)
+    found: dict[str, Any] = {}
+
+    def enough() -> bool:
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exp is None:
+            return False
+        for trace in mlflow.search_traces(locations=[exp.experiment_id], return_type="list", max_results=1000):
+            if request_id := trace.info.trace_metadata.get("slmflow.request_id"):  # else not finished yet
+                found[request_id] = trace
+        return wanted <= set(found)
+
+    assert wait_until(enough, timeout=60, interval=0.2), f"missing traces: {wanted - set(found)}"
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from slmflow.cli import main
 from slmflow.server import ServerSettings
 from tests.conftest import free_port
-from tests.server.conftest import LONG, MADRID, SPAIN, LiveServer, healthy, serve, wait_until
+from tests.server.conftest import LONG, MADRID, SPAIN, LiveServer, healthy, serve, traces_by_request, wait_until
 
 CHAT = "/v1/chat/completions"
 EXPERIMENT = "monitoring-tests"
@@ -32,24 +32,6 @@ def traced(registered_model_uri: str) -> Iterator[LiveServer]:
         model_uri=registered_model_uri, model_name="tiny", trace_experiment=EXPERIMENT, metrics_interval=0.2
     )
     yield from serve(settings)
-
-
-def traces_by_request(experiment: str, request_ids: Iterable[str]) -> dict[str, Any]:
-    """The experiment's traces by the id of the request they record, once those of `request_ids` are in."""
-    wanted = set(request_ids)
-    found: dict[str, Any] = {}
-
-    def enough() -> bool:
-        exp = mlflow.get_experiment_by_name(experiment)
-        if exp is None:
-            return False
-        for trace in mlflow.search_traces(locations=[exp.experiment_id], return_type="list", max_results=1000):
-            if request_id := trace.info.trace_metadata.get("slmflow.request_id"):  # else not finished yet
-                found[request_id] = trace
-        return wanted <= set(found)
-
-    assert wait_until(enough, timeout=60, interval=0.2), f"missing traces: {wanted - set(found)}"
-    return found
 
 
 def root(trace: Any) -> Any:
@@ -187,15 +169,36 @@ def test_served_requests_become_an_eval_set_for_the_next_version(traced: LiveSer
         ).headers["x-request-id"]
         for question in questions
     ]
+    # Answers cut by max_tokens or a stop sequence, one sampled with a seed, one without.
+    settings = {
+        "What is the capital of Italy?": {"max_tokens": 3, "temperature": 0},
+        "What is the capital of Germany?": {"stop": ["capital"], "temperature": 0},
+        "What is the capital of Peru?": {"temperature": 1.0, "top_p": 0.9, "seed": 11, "max_tokens": 5},
+        "What is the capital of Chile?": {"temperature": 1.0, "max_tokens": 40},
+    }
+    for question, params in settings.items():
+        raw = client.chat.completions.with_raw_response.create(
+            model="tiny", messages=[{"role": "user", "content": question}], **params
+        )
+        served.append(raw.headers["x-request-id"])
+        assert raw.parse().choices[0].finish_reason == ("length" if question.endswith(("Italy?", "Peru?")) else "stop")
     traces_by_request(EXPERIMENT, served)
     output = tmp_path / "served.jsonl"
     run = CliRunner().invoke(main, ["traces", "export", EXPERIMENT, "--output", str(output), "--json"])
     assert run.exit_code == 0, run.output
     rows = [json.loads(line) for line in output.read_text().splitlines()]
-    assert {row["messages"][-1]["content"] for row in rows} >= set(questions)
+    assert {row["messages"][-1]["content"] for row in rows} >= set(questions) | set(settings)
     assert all(row["expected"] and row["model_version"] == "1" for row in rows)
-    # Replaying the served traffic on the same version reproduces every greedy answer.
-    run = CliRunner().invoke(main, ["eval", "models:/server-tiny@champion", "--data", str(output), "--json"])
+    replayed = {row["messages"][-1]["content"]: row.get("params") for row in rows}
+    assert replayed["What is the capital of Italy?"] == {"max_tokens": 3, "temperature": 0}
+    assert replayed["What is the capital of Germany?"] == {"stop": ["capital"], "temperature": 0}
+    assert replayed["What is the capital of Peru?"] == settings["What is the capital of Peru?"]
+    assert replayed["What is the capital of Chile?"] == {"max_tokens": 40}  # an unseeded sample: replayed greedily
+    # Replaying the served traffic on the same version reproduces every greedy or seeded answer, cut
+    # ones included (each row generated with its own settings); the unseeded sample is left out.
+    replay = tmp_path / "replay.jsonl"
+    replay.write_text("".join(json.dumps(row) + "\n" for row in rows if "Chile" not in row["messages"][-1]["content"]))
+    run = CliRunner().invoke(main, ["eval", "models:/server-tiny@champion", "--data", str(replay), "--json"])
     assert run.exit_code == 0, run.output
     assert json.loads(run.stdout.strip().splitlines()[-1])["metrics"]["accuracy"] == 1.0
     refused = CliRunner().invoke(main, ["traces", "export", "no-such-experiment", "--output", str(output)])

@@ -19,7 +19,8 @@ class Comparison:
 
 
 def compare(uri_a: str, uri_b: str, data: str) -> Comparison:
-    """Run both models over `data` greedily; log agreement, each model's accuracy and the per-row diff."""
+    """Run both models over `data` (greedily, unless a row sets its own sampling); log agreement, each
+    model's accuracy and the per-row diff."""
     import mlflow
 
     eval_set = load_eval_set(data)

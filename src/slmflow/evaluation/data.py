@@ -1,4 +1,4 @@
-"""Evaluation data: JSONL/CSV files of {messages | prompt, expected[, pattern]} and the built-in sets."""
+"""Evaluation data: JSONL/CSV files of {messages | prompt, expected[, pattern][, params]} and the built-in sets."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from slmflow.errors import SlmflowError
+from slmflow.errors import InvalidRequest, SlmflowError
+from slmflow.generation.params import SamplingParams
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_SETS = {
@@ -22,6 +23,12 @@ BUILTIN_SETS = {
     # A plain English text of about 550 tokens, for perplexity (what `package` measures its cost on).
     "reference": "reference.txt",
 }
+
+
+# Generation settings a row may carry ("params"): its answer is generated with them, over the
+# evaluation's defaults and under the caller's --params. `slmflow traces export` writes those of each
+# served request, so that replaying it on the version that served it gives the same answer.
+ROW_PARAMS = ("max_tokens", "stop", "temperature", "top_p", "top_k", "seed")
 
 
 @dataclass(frozen=True)
@@ -99,4 +106,15 @@ def _check_row(row: Any, number: int) -> dict[str, Any]:
     for key in ("expected", "pattern", "prompt"):
         if key in row and not isinstance(row[key], str):
             raise SlmflowError(f"row {number}: {key!r} must be a string")
-    return {k: row[k] for k in ("messages", "prompt", "expected", "pattern") if k in row}
+    if "params" in row:
+        _check_params(row["params"], number)
+    return {k: row[k] for k in ("messages", "prompt", "expected", "pattern", "params") if k in row}
+
+
+def _check_params(params: Any, number: int) -> None:
+    if not isinstance(params, dict) or not params.keys() <= set(ROW_PARAMS):
+        raise SlmflowError(f"row {number}: 'params' must be an object of {', '.join(ROW_PARAMS)}")
+    try:
+        SamplingParams.from_mapping(params)
+    except InvalidRequest as e:
+        raise SlmflowError(f"row {number}: params: {e}") from e

@@ -55,14 +55,17 @@ class ModelRunner:
         if self.flavor == "onnx_genai":
             packaged = self.model.metadata.flavors["onnx_genai"].get("generation_defaults") or {}
             defaults = {"temperature": 0.0, "max_tokens": packaged.get("max_tokens") or EVAL_MAX_TOKENS}
-        self.params = {**defaults, **(params or {})}
+        self.defaults, self.explicit = defaults, params or {}
 
     def predict(self, row: dict[str, Any]) -> Prediction:
         if self.input_kind not in row:
             raise SlmflowError(f"{self.model_uri} takes '{self.input_kind}' rows; this data has {sorted(row)}")
-        model_input = {self.input_kind: row[self.input_kind], **self._row_params()}
+        params = self._params_for(row)
+        # MLflow's transformers chat flavor takes generation settings as input fields, not params.
+        fields = params if self.flavor == "transformers" else {}
+        model_input = {self.input_kind: row[self.input_kind], **fields}
         started = time.perf_counter()
-        response = self.model.predict(model_input, params=self._call_params())
+        response = self.model.predict(model_input, params=None if fields or not params else params)
         latency = time.perf_counter() - started
         first = response[0] if isinstance(response, list) else response
         if isinstance(first, dict):  # an OpenAI chat completion
@@ -75,12 +78,13 @@ class ModelRunner:
             )
         return Prediction(str(first), latency, None, None)
 
-    def _row_params(self) -> dict[str, Any]:
-        # MLflow's transformers chat flavor takes generation settings as input fields, not params.
-        return self.params if self.flavor == "transformers" else {}
-
-    def _call_params(self) -> dict[str, Any] | None:
-        return None if self.flavor == "transformers" or not self.params else self.params
+    def _params_for(self, row: dict[str, Any]) -> dict[str, Any]:
+        """The evaluation's defaults, then the row's own settings (a served request's, as `slmflow
+        traces export` writes them), then the caller's --params."""
+        params = {**self.defaults, **row.get("params", {}), **self.explicit}
+        if self.flavor == "transformers":  # it has no seed, and rejects temperature 0 (it decodes greedily)
+            params = {k: v for k, v in params.items() if k != "seed" and not (k == "temperature" and v == 0)}
+        return params
 
     def text_perplexity(self, text: str) -> tuple[float, int]:
         """(perplexity, tokens scored) of a whole text, in context-sized windows."""

@@ -1,8 +1,9 @@
 """Served requests, recorded as traces by `slmflow serve`, turned into evaluation data.
 
-Each exported row is the request's messages (or prompt) and the answer that was served as
-`expected`, so `slmflow eval --data FILE` against a candidate version measures how often it
-answers as production did, and `slmflow compare` shows where it differs.
+Each exported row is the request's messages (or prompt), the answer that was served as `expected`
+and the settings that decided it (`params`: see `replayed_params`), so `slmflow eval --data FILE`
+against a candidate version measures how often it answers as production did, and `slmflow compare`
+shows where it differs.
 """
 
 from __future__ import annotations
@@ -77,9 +78,28 @@ def _row(trace: Any, where: TraceFilter) -> dict[str, Any] | None:
     question = {key: inputs[key] for key in ("messages", "prompt") if key in inputs}
     if not question:
         return None
+    params = replayed_params(inputs)
     return {
         **question,
         "expected": choices[0]["text"],
+        **({"params": params} if params else {}),
         "trace_id": trace.info.trace_id,
         "model_version": tags.get("slmflow.model_version"),
     }
+
+
+def replayed_params(request: dict[str, Any]) -> dict[str, Any]:
+    """The settings of a served request that decided its answer, for its replay: its length bound and
+    stop sequences; its sampling where the request set a temperature, and only if that is greedy or
+    seeded (an unseeded sample cannot be reproduced: such a row, like one that left the temperature
+    to the model, is evaluated greedily, the evaluation's default)."""
+    params: dict[str, Any] = {}
+    max_tokens = request.get("max_completion_tokens") or request.get("max_tokens")
+    if max_tokens is not None:
+        params["max_tokens"] = max_tokens
+    if stop := request.get("stop"):
+        params["stop"] = [stop] if isinstance(stop, str) else list(stop)
+    temperature = request.get("temperature")
+    if temperature == 0 or (temperature is not None and request.get("seed") is not None):
+        params.update({k: request[k] for k in ("temperature", "top_p", "top_k", "seed") if request.get(k) is not None})
+    return params
