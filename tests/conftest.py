@@ -58,6 +58,22 @@ def smol_checkpoint(slmflow_home: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def smol_default(smol_checkpoint: Path) -> dict:
+    """The GGUF file itself, packaged at the default precision, registered as smol@champion: the
+    `package --json` result."""
+    import json
+
+    from click.testing import CliRunner
+
+    from slmflow.checkpoints.smol import smol_gguf
+    from slmflow.cli import main
+
+    run = CliRunner().invoke(main, ["package", str(smol_gguf()), "--name", "smol", "--alias", "champion", "--json"])
+    assert run.exit_code == 0, run.output
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
 def onnx_int4(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from slmflow import convert
 

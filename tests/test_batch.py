@@ -187,6 +187,29 @@ def test_score_dataframe_wraps_a_string_column_as_a_user_message(spark, chat_mod
     assert rows[2].completion is None and rows[2].error
 
 
+def test_the_real_model_answers_on_spark_as_through_pyfunc(spark, smol_default: dict) -> None:
+    """SmolLM2-135M-Instruct (registered by the smol_default fixture) in the Spark workers: everyday
+    questions answered with their facts, each as the same model answers it alone through pyfunc, and a
+    prompt over its 8,192-token context refused in its row."""
+    from slmflow.batch import score_dataframe
+
+    facts = {
+        "What is 2+2?": "4",
+        "Who wrote Romeo and Juliet?": "Shakespeare",
+        "What is the chemical symbol for gold?": "Au",
+    }
+    rows = [(i, q) for i, q in enumerate(facts)] + [(len(facts), "word " * 9000)]
+    df = spark.createDataFrame(rows, "n int, question string")
+    params = {"max_tokens": 48, "temperature": 0.0}
+    scored = score_dataframe(df, "models:/smol@champion", column="question", params=params).orderBy("n").collect()
+    model = mlflow.pyfunc.load_model("models:/smol@champion")
+    for row, (question, fact) in zip(scored, facts.items(), strict=False):
+        assert row.error is None and fact in row.completion, row
+        alone = model.predict({"messages": user(question)}, params=params)[0]["choices"][0]
+        assert (row.completion, row.finish_reason) == (alone["message"]["content"], alone["finish_reason"]), row
+    assert scored[-1].completion is None and "context" in scored[-1].error
+
+
 def test_user_errors_are_one_line_before_any_scoring(spark, cli, tmp_path: Path) -> None:
     source = tmp_path / "in.jsonl"
     source.write_text(json.dumps({"id": 1, "prompt": "hi"}) + "\n")

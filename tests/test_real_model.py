@@ -15,13 +15,12 @@ import pytest
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from slmflow.checkpoints.smol import smol_gguf
 from slmflow.cli import main
 from slmflow.server import ServerSettings
 from tests.conftest import engine_held, prompt_reads
 from tests.server.conftest import LiveServer, serve, traces_by_request
 
-NAME = "smol"
+NAME = "smol"  # registered @champion by the smol_default fixture (tests/conftest.py)
 SERVED = "smol-served"  # the experiment of the served requests' traces
 # Question -> what a right answer contains. All three are answered right by the float source and by
 # the default (int8) build. ("What is the capital of France?" is answered right by the source and
@@ -39,14 +38,6 @@ def invoke(*args: str):
 
 def ask(question: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": question}]
-
-
-@pytest.fixture(scope="module")
-def smol_default(smol_checkpoint: Path) -> dict:
-    """The GGUF file itself, packaged at the default precision, registered @champion."""
-    run = invoke("package", str(smol_gguf()), "--name", NAME, "--alias", "champion", "--json")
-    assert run.exit_code == 0, run.output
-    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
