@@ -62,10 +62,10 @@ class ModelRunner:
             raise SlmflowError(f"{self.model_uri} takes '{self.input_kind}' rows; this data has {sorted(row)}")
         params = self._params_for(row)
         # MLflow's transformers chat flavor takes generation settings as input fields, not params.
-        fields = params if self.flavor == "transformers" else {}
-        model_input = {self.input_kind: row[self.input_kind], **fields}
+        by_field = self.flavor == "transformers"
+        model_input = {self.input_kind: row[self.input_kind], **(params if by_field else {})}
         started = time.perf_counter()
-        response = self.model.predict(model_input, params=None if fields or not params else params)
+        response = self.model.predict(model_input, params=None if by_field or not params else params)
         latency = time.perf_counter() - started
         first = response[0] if isinstance(response, list) else response
         if isinstance(first, dict):  # an OpenAI chat completion
