@@ -99,7 +99,9 @@ def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 
 
 
 def traces_by_request(experiment: str, request_ids: Iterable[str]) -> dict[str, Any]:
-    """The experiment's traces by the id of the request they record, once those of `request_ids` are in."""
+    """The experiment's traces by the id of the request they record, once those of `request_ids` are
+    in whole. MLflow writes a trace in steps (its spans, with the trace's metadata, then its info with
+    the tags): one was once found with its request id but not yet its tags."""
     wanted = set(request_ids)
     found: dict[str, Any] = {}
 
@@ -108,7 +110,8 @@ def traces_by_request(experiment: str, request_ids: Iterable[str]) -> dict[str, 
         if exp is None:
             return False
         for trace in mlflow.search_traces(locations=[exp.experiment_id], return_type="list", max_results=1000):
-            if request_id := trace.info.trace_metadata.get("slmflow.request_id"):  # else not finished yet
+            request_id = trace.info.trace_metadata.get("slmflow.request_id")
+            if request_id and "slmflow.status" in trace.info.tags:  # else not all written yet
                 found[request_id] = trace
         return wanted <= set(found)
 
