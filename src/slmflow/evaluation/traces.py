@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from slmflow.errors import SlmflowError
+from slmflow.generation.params import SamplingParams
 
 STATUSES = ("ok", "cancelled", "timed_out", "error")
 
@@ -93,13 +94,14 @@ def replayed_params(request: dict[str, Any]) -> dict[str, Any]:
     stop sequences; its sampling where the request set a temperature, and only if that is greedy or
     seeded (an unseeded sample cannot be reproduced: such a row, like one that left the temperature
     to the model, is evaluated greedily, the evaluation's default)."""
+    sampling = SamplingParams.from_mapping(request)  # the server's own reading of the request
     params: dict[str, Any] = {}
-    max_tokens = request.get("max_completion_tokens") or request.get("max_tokens")
-    if max_tokens is not None:
-        params["max_tokens"] = max_tokens
-    if stop := request.get("stop"):
-        params["stop"] = [stop] if isinstance(stop, str) else list(stop)
-    temperature = request.get("temperature")
-    if temperature == 0 or (temperature is not None and request.get("seed") is not None):
-        params.update({k: request[k] for k in ("temperature", "top_p", "top_k", "seed") if request.get(k) is not None})
+    if sampling.max_tokens is not None:
+        params["max_tokens"] = sampling.max_tokens
+    if sampling.stop:
+        params["stop"] = list(sampling.stop)
+    temperature = sampling.temperature
+    if temperature == 0 or (temperature is not None and sampling.seed is not None):
+        sampled = {key: getattr(sampling, key) for key in ("temperature", "top_p", "top_k", "seed")}
+        params.update({key: value for key, value in sampled.items() if value is not None})
     return params
