@@ -39,7 +39,11 @@ def tracking_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     os.environ["MLFLOW_TRACKING_URI"] = uri
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("slmflow-tests")
-    return uri
+    yield uri
+    # A test that moved the process's tracking URI (mlflow.set_tracking_uri also rewrites the
+    # environment variable) sends every later test's runs and traces, and the session servers'
+    # monitors, elsewhere: at the end of a session that once cost 30 s of retries to a stopped server.
+    assert mlflow.get_tracking_uri() == uri == os.environ["MLFLOW_TRACKING_URI"], "a test left the tracking URI moved"
 
 
 @pytest.fixture(scope="session")

@@ -335,13 +335,11 @@ def experiment_id(client) -> str:
 
 
 def traced(team: Team, experiment: str) -> list:
-    import mlflow
-
+    # The client's own search, not mlflow.search_traces: that one reads the process's tracking URI,
+    # and mlflow.set_tracking_uri also rewrites MLFLOW_TRACKING_URI in os.environ, so pointing it here
+    # and back would leave every later user of the session's store (the in-process servers' monitors
+    # included) talking to this server after it stopped.
     client = team.client()
     found = client.get_experiment_by_name(experiment)
     assert found is not None, f"no experiment {experiment} on the team server"
-    mlflow.set_tracking_uri(team.url)
-    try:
-        return mlflow.search_traces(locations=[found.experiment_id], return_type="list")
-    finally:
-        mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    return list(client.search_traces(locations=[found.experiment_id], max_results=500))
