@@ -78,6 +78,23 @@ def smol_default(smol_checkpoint: Path) -> dict:
 
 
 @pytest.fixture(scope="session")
+def smol_transformers() -> dict:
+    """The same GGUF file packaged by the transformers route (MLflow's own flavor, float32, the
+    llm/v1/chat task), registered as smol-hf@champion: the `package --json` result."""
+    import json
+
+    from click.testing import CliRunner
+
+    from slmflow.checkpoints.smol import smol_gguf
+    from slmflow.cli import main
+
+    args = ["package", str(smol_gguf()), "--route", "transformers", "--name", "smol-hf", "--alias", "champion"]
+    run = CliRunner().invoke(main, [*args, "--json"])
+    assert run.exit_code == 0, run.output
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="session")
 def onnx_int4(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from slmflow import convert
 

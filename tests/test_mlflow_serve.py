@@ -1,4 +1,5 @@
-"""MLflow's own scoring server (`mlflow models serve`) serves both routes' registered models."""
+"""MLflow's own scoring server (`mlflow models serve`) serves both routes' registered models: the tiny
+fixture's and the real model's (SmolLM2-135M-Instruct)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 from slmflow.onnx_genai.schema import CHAT_EXAMPLE, PROMPT_EXAMPLE
 from tests.conftest import free_port
+from tests.test_real_model import FACTS, ask
 
 MADRID = "The capital of Spain is Madrid."
 JOKE = "Why can't you trust an atom? Because they make up everything!"
@@ -105,3 +107,42 @@ def test_bad_input_is_a_400_with_a_message(servers: dict[str, str]) -> None:
     assert "non-empty list" in response.json()["message"]
     # and the server keeps serving
     assert invoke(servers["onnx-chat"], CHAT_EXAMPLE).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def smol_servers(
+    smol_default: dict, smol_transformers: dict, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """SmolLM2 by either route: the default ONNX build (smol) and MLflow's transformers flavor (smol-hf)."""
+    logs = tmp_path_factory.mktemp("mlflow-serve-smol")
+    started = {
+        name: (*start_mlflow_server(f"models:/{name}@champion", logs / f"{name}.log"), logs / f"{name}.log")
+        for name in ("smol", "smol-hf")
+    }
+    try:
+        for process, url, log in started.values():
+            wait_ready(process, url, log)
+        yield {name: url for name, (_, url, _) in started.items()}
+    finally:
+        for process, _, _ in started.values():
+            os.killpg(process.pid, 15)
+            process.wait(timeout=30)
+
+
+@pytest.mark.parametrize("name", ["smol", "smol-hf"])
+def test_the_real_model_answers_under_mlflow_models_serve_as_in_process(
+    smol_servers: dict[str, str], name: str
+) -> None:
+    import mlflow
+
+    # Greedy: the ONNX flavor takes temperature 0; the transformers flavor refuses it and decodes greedily.
+    fields = {"max_tokens": 48} | ({"temperature": 0.0} if name == "smol" else {})
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    for question, fact in FACTS.items():
+        response = invoke(smol_servers[name], {"messages": ask(question), **fields})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        served = (body[0] if isinstance(body, list) else body["predictions"][0])["choices"][0]["message"]["content"]
+        [in_process] = model.predict({"messages": ask(question), **fields})
+        assert served == in_process["choices"][0]["message"]["content"], question
+        assert fact in served, (question, served)

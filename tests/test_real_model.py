@@ -133,6 +133,29 @@ def test_fp32_onnx_gives_the_sources_greedy_answers(smol_checkpoint: Path) -> No
     assert "Paris" in answer[0]["choices"][0]["message"]["content"]
 
 
+def test_the_transformers_route_answers_as_the_float_source(smol_transformers: dict, smol_checkpoint: Path) -> None:
+    """The GGUF packaged by MLflow's transformers flavor gives, through pyfunc, the very greedy answers
+    of the float checkpoint it was dequantized into, read by transformers directly."""
+    import torch
+    import transformers
+
+    assert MlflowClient().get_run(smol_transformers["run_id"]).data.params["source_kind"] == "gguf"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(smol_checkpoint)
+    source = transformers.AutoModelForCausalLM.from_pretrained(smol_checkpoint, dtype=torch.float32)
+    model = mlflow.pyfunc.load_model("models:/smol-hf@champion")
+    for question, fact in FACTS.items():
+        prompt = tokenizer.apply_chat_template(
+            ask(question), add_generation_prompt=True, return_dict=True, return_tensors="pt"
+        )
+        ids = prompt["input_ids"]
+        with torch.no_grad():
+            greedy = source.generate(ids, max_new_tokens=48, do_sample=False)
+        expected = tokenizer.decode(greedy[0, ids.shape[1] :], skip_special_tokens=True)
+        [answer] = model.predict({"messages": ask(question), "max_tokens": 48})
+        assert answer["choices"][0]["message"]["content"] == expected.strip(), (question, expected)
+        assert fact in expected, (question, expected)
+
+
 def test_a_build_over_its_quality_budget_fails_its_run_and_registers_nothing(smol_checkpoint: Path) -> None:
     # The former int4 default (plain RTN, 128-wide blocks): about +80% perplexity on this model.
     run = invoke(
