@@ -104,3 +104,17 @@ def test_a_folder_with_two_ggufs_asks_which(tmp_path: Path) -> None:
     (tmp_path / "x.gguf").unlink()
     with pytest.raises(SlmflowError, match="holds 2 GGUF files"):
         resolve(str(tmp_path))
+
+
+def test_a_gguf_replaced_in_place_is_read_anew(tmp_path: Path) -> None:
+    """The header is read once per file version (it takes seconds on a real model); a file replaced
+    at the same path, here a good one by a truncated one and back, is read again."""
+    path = tmp_path / "model.gguf"
+    assert gguf.inspect(write_gguf(path, "llama")).architecture == "llama"
+    assert gguf.inspect(path) is gguf.inspect(path)  # the same version: not read again
+    good = path.read_bytes()
+    path.write_bytes(good[: len(good) - 16])
+    with pytest.raises(SlmflowError, match="damaged or truncated GGUF"):
+        gguf.inspect(path)
+    path.write_bytes(good)
+    assert gguf.inspect(path).architecture == "llama"

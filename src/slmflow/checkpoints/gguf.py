@@ -9,6 +9,7 @@ either route packages it like any checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import os
@@ -68,26 +69,32 @@ def inspect(path: Path) -> GgufFile:
     unsupported file is a one-line SlmflowError here, before anything is converted."""
     if not is_gguf(path):
         raise SlmflowError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    stat = path.stat()
+    return _read_header(str(path.absolute()), stat.st_size, stat.st_mtime_ns)
+
+
+# Reading the header parses the tokenizer's vocabulary in Python: ~4 s for SmolLM2's 93 MB file, and
+# one packaging asks four times (resolving, checking, logging params, converting). Keyed by size and
+# modification time as well, so a file replaced in place is read again; failures are not cached.
+@functools.lru_cache(maxsize=8)
+def _read_header(path: str, size: int, mtime_ns: int) -> GgufFile:
     try:
         from gguf import GGUFReader
     except ImportError:
         raise SlmflowError("reading GGUF files needs the gguf package: pip install gguf accelerate") from None
     try:
-        reader = GGUFReader(str(path))
+        reader = GGUFReader(path)
         architecture = str(reader.fields["general.architecture"].contents())
         name_field = reader.fields.get("general.name")
         name = str(name_field.contents()) if name_field is not None else None
         # Each tensor's data must lie inside the file: a truncated download fails here, by name.
-        size = path.stat().st_size
         for tensor in reader.tensors:
             if tensor.data_offset + tensor.n_bytes > size:
                 raise ValueError(f"tensor {tensor.name} ends past the end of the file")
         parameters = sum(int(t.n_elements) for t in reader.tensors)
-    except SlmflowError:
-        raise
     except Exception as e:  # the reader raises whatever numpy or struct raise on a damaged file
         raise SlmflowError(f"{path} is a damaged or truncated GGUF file: {_first_line(e)}") from None
-    return GgufFile(path, architecture, name, parameters)
+    return GgufFile(Path(path), architecture, name, parameters)
 
 
 def check_architecture(gguf: GgufFile, route: str) -> None:
