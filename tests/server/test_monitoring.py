@@ -205,6 +205,32 @@ def test_served_requests_become_an_eval_set_for_the_next_version(traced: LiveSer
     assert refused.exit_code == 1 and "no experiment named 'no-such-experiment'" in refused.stderr
 
 
+def test_an_answer_cut_by_the_served_models_own_bound_replays_cut_on_another_version(
+    onnx_int4: Path, registered_model_uri: str, tmp_path: Path
+) -> None:
+    """A request that set no max_tokens, cut by the served model's packaged max_tokens (3), replayed
+    on a version packaged with none (the evaluation's bound then is 256): its row carries the 3."""
+    from slmflow import onnx_genai
+
+    short = tmp_path / "tiny-short"
+    onnx_genai.save_model(onnx_int4, short, task="chat", generation_defaults={"max_tokens": 3})
+    experiment = "monitoring-tests-short"
+    for live in serve(ServerSettings(model_uri=str(short), model_name="tiny", trace_experiment=experiment)):
+        raw = live.client().chat.completions.with_raw_response.create(model="tiny", messages=SPAIN, temperature=0)
+        answer = raw.parse().choices[0]
+        assert answer.finish_reason == "length" and answer.message.content != MADRID, answer
+        assert MADRID.startswith(answer.message.content), answer
+        traces_by_request(experiment, [raw.headers["x-request-id"]])
+    output = tmp_path / "served.jsonl"
+    run = CliRunner().invoke(main, ["traces", "export", experiment, "--output", str(output)])
+    assert run.exit_code == 0, run.output
+    [row] = [json.loads(line) for line in output.read_text().splitlines()]
+    assert row["expected"] == answer.message.content and row["params"] == {"max_tokens": 3, "temperature": 0}
+    run = CliRunner().invoke(main, ["eval", registered_model_uri, "--data", str(output), "--json"])
+    assert run.exit_code == 0, run.output
+    assert json.loads(run.stdout.strip().splitlines()[-1])["metrics"]["accuracy"] == 1.0
+
+
 def test_a_zero_sample_rate_traces_nothing_but_still_counts_every_request(onnx_model_path: Path) -> None:
     settings = ServerSettings(
         model_uri=str(onnx_model_path),

@@ -80,6 +80,8 @@ def _row(trace: Any, where: TraceFilter) -> dict[str, Any] | None:
     if not question:
         return None
     params = replayed_params(inputs)
+    if "max_tokens" not in params and (bound := _served_bound(root.outputs)) is not None:
+        params["max_tokens"] = bound
     return {
         **question,
         "expected": choices[0]["text"],
@@ -87,6 +89,18 @@ def _row(trace: Any, where: TraceFilter) -> dict[str, Any] | None:
         "trace_id": trace.info.trace_id,
         "model_version": tags.get("slmflow.model_version"),
     }
+
+
+def _served_bound(outputs: dict[str, Any]) -> int | None:
+    """The length that cut a served answer whose request set no max_tokens: the server's own bound
+    (the served model's packaged max_tokens, else the room left in its context), which the version
+    it is replayed on need not share (another packaged max_tokens, or the evaluation's 256). None
+    where the answer ended on its own, or where usage counts several choices."""
+    choices, usage = outputs.get("choices") or [], outputs.get("usage") or {}
+    tokens = usage.get("completion_tokens")
+    if len(choices) == 1 and choices[0].get("finish_reason") == "length" and isinstance(tokens, int) and tokens > 0:
+        return tokens
+    return None
 
 
 def replayed_params(request: dict[str, Any]) -> dict[str, Any]:
