@@ -17,11 +17,20 @@ from slmflow.errors import SlmflowError
 from slmflow.progress import Progress
 
 
+ARGV = "slmflow.argv"
+
+
 class _Group(click.Group):
     """Turns user errors into one line on stderr and exit code 1, never a traceback."""
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        # The subcommand and its arguments, kept to name the model a refused request was about (the
+        # group's only options, --version and --help, exit before any subcommand runs).
+        ctx.meta[ARGV] = list(args)
+        return super().parse_args(ctx, args)
+
     def invoke(self, ctx: click.Context) -> Any:
-        argv = [*ctx.protected_args, *ctx.args]  # the subcommand and its arguments, before click takes them
+        argv = ctx.meta.get(ARGV, [])
         try:
             return super().invoke(ctx)
         except SlmflowError as e:

@@ -50,7 +50,7 @@ def export_traces(experiment: str, output: Path, where: TraceFilter, limit: int 
     if found is None:
         raise SlmflowError(f"no experiment named {experiment!r}: it holds the traces `slmflow serve` recorded")
     traces = mlflow.search_traces(
-        experiment_ids=[found.experiment_id],
+        locations=[found.experiment_id],
         filter_string=where.filter_string() or None,
         max_results=limit,
         return_type="list",

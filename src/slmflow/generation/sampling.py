@@ -42,7 +42,8 @@ class Sampler:
         # Shifted before dividing, so the top token is 0 and the rest <= 0: logits / 1e-320 overflow
         # to infinity, and infinity minus infinity made every weight NaN (found by the fuzzer).
         logits = logits.astype(np.float64)
-        scaled = (logits - logits.max()) / p.temperature
+        with np.errstate(over="ignore"):  # a tiny temperature sends all but the top to -inf: weight 0
+            scaled = (logits - logits.max()) / p.temperature
         candidates = np.arange(len(scaled))
         if p.top_k and p.top_k < len(scaled):
             candidates = np.argpartition(-scaled, p.top_k - 1)[: p.top_k]
