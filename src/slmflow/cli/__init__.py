@@ -16,7 +16,6 @@ from slmflow.convert import DEFAULT_PRECISION, DEFAULT_RECIPES, Quantization
 from slmflow.errors import SlmflowError
 from slmflow.progress import Progress
 
-
 ARGV = "slmflow.argv"
 
 
