@@ -173,6 +173,29 @@ def engine_held(engine: Any) -> Iterator[Callable[[], None]]:
         holder.join(120)
 
 
+# How close two tokens' log-probabilities must be for a greedy pick between them to count as a tie
+# that kernel rounding may flip. Measured where a parked request's answer parted from its answer
+# alone (tiny fixture, Intel Xeon with AMX, token 552 of 700): 0.004.
+NEAR_TIE = 0.05
+
+
+def assert_as_alone(engine: Any, prompt: list[int], alone: Any, got: Any) -> None:
+    """`got` (a Completion) is `alone`, or the same up to a greedy pick between two tokens the model
+    holds as near-equal (NEAR_TIE), where they part. A request read again after being parked reads
+    its answer so far with the prompt kernels, whose rounding may differ from a decode step's on
+    some CPUs (seen on an Intel Xeon with AMX, not on the EPYCs); a row resumed from the wrong
+    tokens or a damaged KV cache parts at a clear choice instead."""
+    if got == alone:
+        return
+    ours, theirs = list(got.token_ids), list(alone.token_ids)
+    assert ours != theirs, "same tokens, different completions"
+    at = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), None)
+    assert at is not None, f"one answer is the other cut short: {len(ours)} vs {len(theirs)} tokens"
+    prefix = [*prompt, *theirs[:at]]
+    [mine], [its] = (engine.score([*prefix, token]).logprobs[-1:] for token in (ours[at], theirs[at]))
+    assert abs(mine - its) < NEAR_TIE, f"parted from its answer alone at token {at}: log p {mine:.3f} vs {its:.3f}"
+
+
 def finished(stats: Any) -> dict[str, int]:
     """A copy of the engine's requests-by-how-they-ended counters."""
     return dict(stats.finished)

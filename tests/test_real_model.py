@@ -326,10 +326,21 @@ def test_requests_parked_to_keep_the_kv_budget_go_on_as_the_model_would(champion
             assert answer.usage.completion_tokens == 100
             # A resumed row goes on as the model would from its own text: its greedy tokens are the
             # ones teacher-forced scoring ranks first (a corrupted KV would not be; near-ties may flip,
-            # as its text so far is read again by the prompt kernels).
+            # as scoring reads with the prompt graph). Not where scoring ranks the end of the turn
+            # first: min_tokens forbids it, and the row takes the best of the rest.
             scores = engine.score([*ids, *answer.token_ids])
-            top = scores.top_tokens[len(ids) - 1 :]
-            agreement = sum(a == b for a, b in zip(top, answer.token_ids, strict=True)) / len(top)
+            n = len(ids) - 1
+            free = [
+                (top, top_logprob - logprob, token)
+                for top, top_logprob, logprob, token in zip(
+                    scores.top_tokens[n:], scores.top_logprobs[n:], scores.logprobs[n:], answer.token_ids, strict=True
+                )
+                if top not in engine.eos_token_ids
+            ]
+            agreement = sum(top == token for top, _, token in free) / len(free)
             assert agreement >= 0.9, agreement
+            # Where they differ, a near-tie between the two graphs' roundings (measured up to 0.74
+            # nats), not a clear miss.
+            assert max(gap for _, gap, _ in free) < 1.5, sorted(gap for _, gap, _ in free)[-5:]
     finally:
         engine.close()

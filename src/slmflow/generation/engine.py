@@ -744,10 +744,12 @@ class _Call:
 
 @dataclass(frozen=True)
 class Scores:
-    """Per position after the first: log p(actual token), and the token the model ranked first."""
+    """Per position after the first: log p(actual token), the token the model ranked first, and its
+    log p (how far the actual token is from the top: a near-tie or a clear miss)."""
 
     logprobs: list[float]
     top_tokens: list[int]
+    top_logprobs: list[float]
 
 
 def _score_tokens(chunks: Iterator[Any], token_ids: list[int]) -> Scores:
@@ -758,6 +760,7 @@ def _score_tokens(chunks: Iterator[Any], token_ids: list[int]) -> Scores:
 
     logprobs: list[float] = []
     top_tokens: list[int] = []
+    top_logprobs: list[float] = []
     start = 0
     for chunk_logits in chunks:
         logits = np.asarray(chunk_logits, dtype=np.float64)
@@ -766,8 +769,9 @@ def _score_tokens(chunks: Iterator[Any], token_ids: list[int]) -> Scores:
         following = np.array(token_ids[start + 1 : start + 1 + len(logits)])
         logprobs += (logits[np.arange(len(logits)), following] - log_norm).tolist()
         top_tokens += logits.argmax(axis=1).tolist()
+        top_logprobs += (top[:, 0] - log_norm).tolist()
         start += len(logits)
-    return Scores(logprobs, top_tokens)
+    return Scores(logprobs, top_tokens, top_logprobs)
 
 
 SCORE_CHUNK = 256
