@@ -10,9 +10,9 @@ and without the prefill graph.
 OpenVINO GenAI runs in its own environment (benchmarks/.venv-openvino, made on first use with pinned
 versions) so it never enters slmflow's dependencies; `openvino_peer.py` is its side. Both run in
 process, greedy, forced output lengths, prefix caching off, on the same token ids. The systems take
-turns measure by measure (OpenVINO in one long-lived process, `openvino_peer.py`), the order rotated
-every round: a VM whose speed changes within a minute then slows the systems it compares alike.
-Figures are medians of the rounds, ratios medians of the per-round ratios:
+turns measure by measure (OpenVINO in one long-lived process, `openvino_peer.py`), in a new (seeded)
+order every round: a VM whose speed changes within a minute then slows the systems it compares
+alike. Figures are medians of the rounds, ratios medians of the per-round ratios:
 
 - decode: one stream, 128 new tokens after a 42-token prompt (tokens after the first / their time);
 - prefill: a 512-token prompt, its length / the time to its first token;
@@ -31,6 +31,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -110,9 +111,14 @@ def main() -> None:
                 engine_measure(name)
         with Peer(python, theirs_folder, {**request, "threads": threads}) as peer:
             measure[PEER] = peer.measure
+            precision = peer.precision
             rounds: dict[str, list[dict[str, Any]]] = {name: [{} for _ in range(args.rounds)] for name in measure}
             for index in range(args.rounds):
-                order = list(measure)[index % len(measure) :] + list(measure)[: index % len(measure)]
+                # A new order every round, seeded: a rotation keeps each system after the same one
+                # every round (ours first after OpenVINO), so whatever one leaves behind would
+                # always land on the same other.
+                order = list(measure)
+                random.Random(index).shuffle(order)
                 for name in MEASURES:
                     for system in order:
                         rounds[system][index] |= measure[system](name)
@@ -125,7 +131,8 @@ def main() -> None:
         for engine in engines.values():
             engine.close()
     report = {
-        "machine": f"{platform.machine()}, {threads} cores",
+        "machine": f"{cpu()}, {threads} cores",
+        "openvino_precision": precision,
         "model": "SmolLM2-135M-Instruct (float32 source perplexity: see benchmarks/results/quantization.md)",
         "rounds": args.rounds,
         "max_batch_size": args.max_batch_size,
@@ -158,6 +165,24 @@ def openvino_folder(python: Path) -> Path:
         export += ["--task", "text-generation-with-past", "--weight-format", "int8", str(folder)]
         subprocess.run(export, check=True)
     return folder
+
+
+# CPU features that decide both engines' speed: int8 dot products (ours and OpenVINO's int8 weights),
+# bfloat16 and float16 arithmetic (OpenVINO's activations), matrix units (AMX).
+CPU_FEATURES = ("avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_int8", "amx_bf16")
+
+
+def cpu() -> str:
+    """The CPU's model and which of CPU_FEATURES it has (Linux), else the architecture."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    have = [feature for feature in CPU_FEATURES if feature in flags]
+    return f"{fields.get('model name', platform.machine())} ({', '.join(have) or 'none of ' + ', '.join(CPU_FEATURES)})"
 
 
 def token_ids(engine: Any) -> dict[str, Any]:
@@ -223,8 +248,10 @@ class Peer:
             text=True,
         )
         self._send(request)
-        if not self._receive().get("ready"):
+        ready = self._receive()
+        if not ready.get("ready"):
             raise RuntimeError("the OpenVINO peer did not start")
+        self.precision: str = ready["precision"]
 
     def measure(self, name: str) -> dict[str, float]:
         self._send({"measure": name})
@@ -290,7 +317,8 @@ def write(report: dict[str, Any], out: Path) -> None:
     ]
     names = list(systems)
     lines = [
-        f"Machine: {report['machine']}; model: {report['model']}; in process, greedy, forced lengths, "
+        f"Machine: {report['machine']}; OpenVINO's CPU precision: {report['openvino_precision']}; "
+        f"model: {report['model']}; in process, greedy, forced lengths, "
         f"prefix caching off, slmflow at max_batch_size {report['max_batch_size']}; medians of "
         f"{report['rounds']} rounds, the systems alternating measure by measure. Ratios: slmflow / OpenVINO, "
         "medians of the per-round ratios (TTFT and perplexity: lower is better).",

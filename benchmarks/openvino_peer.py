@@ -4,10 +4,10 @@
 
 Reads a first JSON line: the token ids to use, or `only_perplexity` with a `reference`. For the
 former it loads OpenVINO GenAI's pipelines (prefix caching off), warms them up, prints
-{"ready": true}, then answers one measure per line ({"measure": "stream" | "prefill" | "8" | "16"})
-with one JSON line of figures, until its input ends: the benchmark alternates the systems measure by
-measure, seconds apart, where a process per round had them a minute apart on a VM whose speed
-changes within that. Never imported by slmflow: OpenVINO is not one of its dependencies.
+{"ready": true, "precision": its CPU execution precision}, then answers one measure per line
+({"measure": "stream" | "prefill" | "8" | "16"}) with one JSON line of figures, until its input
+ends: the benchmark alternates the systems measure by measure, seconds apart, where a process per
+round had them a minute apart on a VM whose speed changes within that. Never imported by slmflow: OpenVINO is not one of its dependencies.
 """
 
 from __future__ import annotations
@@ -26,8 +26,13 @@ def main() -> None:
     if request.get("only_perplexity"):
         print(json.dumps({"perplexity": perplexity(folder, request["reference"])}), flush=True)
         return
+    import openvino as ov
+
     measure = measures(folder, request)
-    print(json.dumps({"ready": True}), flush=True)
+    # Its execution precision follows the CPU (bfloat16 where it has AVX-512 BF16 or AMX): the
+    # figures mean little without it.
+    precision = ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT").get_type_name()
+    print(json.dumps({"ready": True, "precision": precision}), flush=True)
     for line in sys.stdin:
         print(json.dumps(measure(json.loads(line)["measure"])), flush=True)
 
