@@ -178,8 +178,8 @@ def cpu() -> str:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.machine()
-    fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    pairs = (line.split(":", 1) for line in info.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in pairs}
     flags = set(fields.get("flags", "").split())
     have = [feature for feature in CPU_FEATURES if feature in flags]
     return f"{fields.get('model name', platform.machine())} ({', '.join(have) or 'none of ' + ', '.join(CPU_FEATURES)})"

@@ -7,7 +7,8 @@ former it loads OpenVINO GenAI's pipelines (prefix caching off), warms them up, 
 {"ready": true, "precision": its CPU execution precision}, then answers one measure per line
 ({"measure": "stream" | "prefill" | "8" | "16"}) with one JSON line of figures, until its input
 ends: the benchmark alternates the systems measure by measure, seconds apart, where a process per
-round had them a minute apart on a VM whose speed changes within that. Never imported by slmflow: OpenVINO is not one of its dependencies.
+round had them a minute apart on a VM whose speed changes within that. Never imported by slmflow:
+OpenVINO is not one of its dependencies.
 """
 
 from __future__ import annotations
