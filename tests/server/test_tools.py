@@ -148,13 +148,10 @@ def test_tools_through_the_pyfunc(onnx_model_path) -> None:
 
 
 @pytest.fixture(scope="module")
-def smol_server(smol_checkpoint, tmp_path_factory) -> Iterator[LiveServer]:
-    from slmflow import convert, onnx_genai
-
-    folder = convert.convert(smol_checkpoint, tmp_path_factory.mktemp("smol-tools") / "int8", precision="int8")
-    model = tmp_path_factory.mktemp("smol-tools-model") / "smol"
-    onnx_genai.save_model(folder, model, task="chat")
-    yield from serve(ServerSettings(model_uri=str(model), model_name="smol", traces=False, metrics_interval=0))
+def smol_server(smol_default: dict) -> Iterator[LiveServer]:
+    """SmolLM2 as the suite registers it (the GGUF at the default int8), not converted again."""
+    settings = ServerSettings(model_uri="models:/smol@champion", model_name="smol", traces=False, metrics_interval=0)
+    yield from serve(settings)
 
 
 def test_the_real_model_calls_the_right_function_with_the_right_arguments(smol_server: LiveServer) -> None:
