@@ -111,7 +111,7 @@ def package(spec: PackageSpec, progress: Progress | None = None) -> PackageResul
         with tempfile.TemporaryDirectory(prefix="slmflow-package-") as tmp:
             work = Path(tmp)
             if checkpoint.kind == "gguf":
-                checkpoint = _dequantize(checkpoint, work, metrics, progress)
+                checkpoint = _dequantize(checkpoint, metrics, progress)
             if spec.route == "onnx":
                 model_uri, quality, note = _log_onnx(spec, checkpoint, work, metrics, progress)
             else:
@@ -268,13 +268,17 @@ def _params(spec: PackageSpec, checkpoint: Checkpoint) -> dict[str, Any]:
     return params
 
 
-def _dequantize(checkpoint: Checkpoint, work: Path, metrics: dict[str, float], progress: Progress | None) -> Checkpoint:
-    """A GGUF source becomes a float Hugging Face checkpoint in the run's work folder."""
+def _dequantize(checkpoint: Checkpoint, metrics: dict[str, float], progress: Progress | None) -> Checkpoint:
+    """A GGUF source becomes a float Hugging Face checkpoint, or is found as one under the slmflow
+    home (the same file packaged before); the run's `gguf_checkpoint` tag says which."""
+    import mlflow
+
     from slmflow.checkpoints import gguf
 
     started = time.perf_counter()
-    folder = gguf.to_checkpoint(gguf.inspect(checkpoint.path), work / "checkpoint", progress)
+    folder, kept = gguf.cached_checkpoint(gguf.inspect(checkpoint.path), progress)
     metrics["gguf_dequantize_seconds"] = time.perf_counter() - started
+    mlflow.set_tag("gguf_checkpoint", f"{'reused' if kept else 'dequantized'}: {folder}")
     return Checkpoint(path=folder, kind="hf", source=checkpoint.source)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -118,3 +119,46 @@ def test_a_gguf_replaced_in_place_is_read_anew(tmp_path: Path) -> None:
         gguf.inspect(path)
     path.write_bytes(good)
     assert gguf.inspect(path).architecture == "llama"
+
+
+def test_the_gguf_is_dequantized_once_for_the_fixture_and_either_route(
+    smol_checkpoint: Path, smol_default: dict, smol_transformers: dict
+) -> None:
+    """The fixture's checkpoint is the one packaging that GGUF finds under the slmflow home: of the
+    two packagings (ONNX and transformers routes), at most the first to run ever dequantized it (only
+    if it ran before the fixture was built), and both read that folder."""
+    assert smol_checkpoint == gguf.cache_path(smol_gguf()) and gguf.is_complete(smol_checkpoint)
+    client = mlflow.MlflowClient()
+    tags = [
+        client.get_run(result["run_id"]).data.tags["gguf_checkpoint"] for result in (smol_default, smol_transformers)
+    ]
+    assert all(tag.endswith(f": {smol_checkpoint}") for tag in tags), tags
+    assert [tag.split(":")[0] for tag in tags].count("dequantized") <= 1, tags
+
+
+def test_a_kept_checkpoint_is_keyed_by_the_file_bytes_and_taken_only_whole(
+    smol_checkpoint: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "copy" / smol_gguf().name
+    copy.parent.mkdir()
+    shutil.copy(smol_gguf(), copy)
+    assert gguf.cache_path(copy) == gguf.cache_path(smol_gguf())  # the same bytes elsewhere
+    with copy.open("r+b") as f:
+        f.seek(-1, 2)
+        last = f.read(1)
+        f.seek(-1, 2)
+        f.write(bytes([last[0] ^ 1]))
+    assert gguf.cache_path(copy) != gguf.cache_path(smol_gguf())  # one byte changed: another checkpoint
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(smol_checkpoint, damaged, copy_function=os.link)  # hard links: nothing copied
+    assert gguf.is_complete(damaged)
+    weights = damaged / "model.safetensors"
+    with weights.open("rb") as f:
+        head = f.read(1 << 20)
+    weights.unlink()  # the link only: the fixture's file stays whole
+    weights.write_bytes(head)
+    assert not gguf.is_complete(damaged)  # cut short: dequantized again, not taken
+    weights.unlink()
+    assert not gguf.is_complete(damaged)
+    assert gguf.is_complete(smol_checkpoint)

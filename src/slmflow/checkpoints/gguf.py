@@ -3,23 +3,29 @@
 transformers' GGUF loader does the dequantizing. Its model refuses `save_pretrained`, so the weights
 are moved into a fresh model of the same class; the tokenizer, its chat template and a generation
 config whose end-of-turn tokens are those the chat template uses are written beside them. From there
-either route packages it like any checkpoint.
+either route packages it like any checkpoint. The checkpoint is kept under the slmflow home, keyed by
+the file's bytes, so packaging the same file again (another precision, the other route) skips the
+dequantizing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import inspect as source_code
 import io
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from slmflow.errors import SlmflowError
+from slmflow.paths import slmflow_home
 from slmflow.progress import Progress
 
 MAGIC = b"GGUF"
@@ -111,6 +117,42 @@ def check_architecture(gguf: GgufFile, route: str) -> None:
             f"{gguf.path.name}: GGUF architecture {gguf.architecture!r} is not one the ONNX route can convert "
             f"({', '.join(sorted(ONNX_ARCHITECTURES))}); --route transformers can package it"
         )
+
+
+def cached_checkpoint(gguf: GgufFile, progress: Progress | None = None) -> tuple[Path, bool]:
+    """The float checkpoint of `gguf` under the slmflow home, dequantized only if it is not there
+    whole: (its folder, whether it was there)."""
+    folder = cache_path(gguf.path)
+    if is_complete(folder):
+        return folder, True
+    return to_checkpoint(gguf, folder, progress), False
+
+
+def cache_path(path: Path) -> Path:
+    """Where the checkpoint of the GGUF file at `path` is kept: keyed by the file's bytes (a file
+    replaced in place gets a new one), by this code and by the transformers that dequantizes."""
+    import transformers
+
+    digest = hashlib.sha256()
+    for part in (source_code.getsource(sys.modules[__name__]), transformers.__version__):
+        digest.update(part.encode())
+    with path.open("rb") as f:
+        digest.update(hashlib.file_digest(f, "sha256").digest())
+    return slmflow_home() / "gguf" / f"{path.stem.lower()}-{digest.hexdigest()[:12]}"
+
+
+def is_complete(folder: Path) -> bool:
+    """True if `folder` holds a whole checkpoint: its config and every weight file at full size."""
+    from slmflow.checkpoints import Checkpoint
+    from slmflow.packaging import check_weights  # the sizes every packaging checks its source against
+
+    if not (folder / "config.json").is_file():
+        return False
+    try:
+        check_weights(Checkpoint(path=folder, kind="hf", source=str(folder)))
+    except SlmflowError:
+        return False
+    return True
 
 
 def to_checkpoint(gguf: GgufFile, output: Path, progress: Progress | None = None) -> Path:

