@@ -119,11 +119,12 @@ def check_architecture(gguf: GgufFile, route: str) -> None:
         )
 
 
-def cached_checkpoint(gguf: GgufFile, progress: Progress | None = None) -> tuple[Path, bool]:
+def cached_checkpoint(gguf: GgufFile, progress: Progress | None = None, *, fresh: bool = False) -> tuple[Path, bool]:
     """The float checkpoint of `gguf` under the slmflow home, dequantized only if it is not there
-    whole: (its folder, whether it was there)."""
+    whole, or if `fresh` (the kept one is replaced once the new one is written): (its folder,
+    whether it was there and taken)."""
     folder = cache_path(gguf.path)
-    if is_complete(folder):
+    if not fresh and is_complete(folder):
         return folder, True
     return to_checkpoint(gguf, folder, progress), False
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 from pathlib import Path
 
 from slmflow.checkpoints import gguf
@@ -38,8 +37,5 @@ def build_smol(*, force: bool = False, progress: Progress | None = None) -> Path
     """Return the folder of the SmolLM2-135M-Instruct checkpoint, converting the GGUF if needed (the
     same folder `slmflow package` dequantizes that GGUF into, so either reuses the other's)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    source = gguf.inspect(smol_gguf())
-    if force:
-        shutil.rmtree(gguf.cache_path(source.path), ignore_errors=True)
-    folder, _ = gguf.cached_checkpoint(source, progress)
+    folder, _ = gguf.cached_checkpoint(gguf.inspect(smol_gguf()), progress, fresh=force)
     return folder
